@@ -1,0 +1,36 @@
+"""`python -m sweep`: the Hydra app. It only composes: config -> job -> result -> tracking."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from rich.markup import escape
+
+from .config import register_configs
+from .job import job_name, run_job
+from .session import close_session, current_session
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+def sweep_job(cfg: DictConfig) -> None:
+    session = current_session(cfg)
+    label = escape(session.job_label(job_name(cfg)))
+    with session.console.status(label) as spinner:
+        result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"))
+    session.record(result)
+
+
+def main() -> None:
+    sweep_job()
+    sys.exit(1 if close_session() else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Typed structured configs, registered with Hydra's ConfigStore so a typo fails at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class TimingMode(str, Enum):
+    auto = "auto"  # graph on CUDA, eager on CPU
+    graph = "graph"
+    eager = "eager"
+    both = "both"  # graph is the headline number; eager is logged beside it
+
+
+class KernelSourceMode(str, Enum):
+    auto = "auto"  # the Hub when reachable or cached, else the bundled copy
+    hub = "hub"
+    bundled = "bundled"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub id or local directory loaded with from_pretrained; None builds `architecture` with random weights.
+    id: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    # "cpu" gives the same random weights on every machine; "device" is for models too big to init on the host.
+    init_device: str = "cpu"
+    tokenizer: str = "auto"  # auto | utf8 | hub
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DtypeConfig:
+    name: str = MISSING
+    torch_dtype: str = MISSING  # attribute of torch, e.g. bfloat16
+    reference: str = MISSING  # higher-precision dtype of the reference forward
+
+
+@dataclass
+class KernelSpec:
+    """Where one transformers kernel layer (e.g. `RMSNorm`) gets its kernel from."""
+
+    layer_name: str = MISSING  # the layer's name inside the kernel repository
+    repo_id: str | None = None
+    version: int | None = None
+    revision: str | None = None
+    bundled: str | None = None  # name of a kernel repository shipped in sweep/bundled
+    path: str | None = None  # a local kernel repository; wins over repo_id and bundled
+
+
+@dataclass
+class PromptConfig:
+    text: str = "Hello world! "
+    length: int = 118
+    batch_size: int = 1
+
+
+@dataclass
+class TimingConfig:
+    mode: TimingMode = TimingMode.auto
+    target_ci: float = 0.005  # stop once the 95% interval of the speedup is within +-0.5%
+    budget_s: float = 20.0  # per job, for the timed rounds
+    min_rounds: int = 10
+    max_rounds: int = 2000
+    check_every: int = 5
+    warmup: int = 3
+    min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
+    input_sets: int = 3  # rotated among so that caches do not flatter either side
+    confidence: float = 0.95
+
+
+@dataclass
+class NumericsConfig:
+    gen_tokens: int = 32
+    per_layer: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "kernel-sweep"
+    artifact_root: str = "runs/artifacts"  # only used when the experiment is created
+
+
+@dataclass
+class SweepConfig:
+    model: ModelConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    # Layer name -> KernelSpec, plus `name` (none, rms, ...) and `source`. Entries are validated by
+    # `kernel_specs`; the node stays open so that any layer name transformers registers can be mapped.
+    kernels: dict[str, Any] = MISSING
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    device: DeviceChoice = DeviceChoice.auto
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class KernelsSelection:
+    name: str
+    source: KernelSourceMode
+    specs: dict[str, KernelSpec]
+
+
+_RESERVED_KERNEL_KEYS = ("name", "source")
+
+
+def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
+    """Validate the open `kernels` node: each layer entry must be a KernelSpec, `source` a KernelSourceMode."""
+    node = OmegaConf.create(kernels) if isinstance(kernels, dict) else kernels
+    source = node.get("source", KernelSourceMode.auto.value)
+    try:
+        source_mode = KernelSourceMode(str(source))
+    except ValueError:
+        valid = ", ".join(m.value for m in KernelSourceMode)
+        raise ValueError(f"kernels.source={source!r} is not one of: {valid}") from None
+    specs: dict[str, KernelSpec] = {}
+    for layer, entry in node.items():
+        if layer in _RESERVED_KERNEL_KEYS or entry is None:
+            continue
+        if not isinstance(entry, DictConfig):
+            raise ValueError(f"kernels.{layer} must be a mapping of KernelSpec fields, got {entry!r}")
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(KernelSpec), entry)
+        except Exception as error:  # omegaconf raises several types; all mean a malformed entry
+            fields = ", ".join(KernelSpec.__dataclass_fields__)
+            raise ValueError(f"kernels.{layer}: {error}. Valid fields: {fields}") from None
+        spec = OmegaConf.to_object(merged)
+        assert isinstance(spec, KernelSpec)
+        if spec.path is None and spec.repo_id is None and spec.bundled is None:
+            raise ValueError(f"kernels.{layer} needs one of path, repo_id or bundled")
+        specs[str(layer)] = spec
+    return KernelsSelection(name=str(node.get("name", "custom")), source=source_mode, specs=specs)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="sweep_schema", node=SweepConfig)

@@ -1,0 +1,122 @@
+"""Model and tokenizer loading: random-init architectures from a config, or `from_pretrained`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from utf8_tokenizer.tokenizer import UTF8Tokenizer
+
+from .config import ModelConfig
+from .errors import JobConfigError
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    num_parameters: int
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise JobConfigError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    model = _from_pretrained(cfg, dtype, device) if cfg.id else _random_init(cfg, dtype, device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=_load_tokenizer(cfg, model),
+        name=cfg.name,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _random_init(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    if not cfg.architecture:
+        raise JobConfigError(f"model {cfg.name!r} has neither an id nor an architecture to build")
+    architecture = dict(cfg.architecture)
+    config = AutoConfig.for_model(architecture.pop("model_type"), **architecture)
+    config._attn_implementation = cfg.attn_implementation
+    torch.manual_seed(cfg.init_seed)
+    if cfg.init_device == "cpu":
+        # Draw in float32 on the host, then cast: the same weights on every machine.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model.to(device=device, dtype=dtype)
+    if cfg.init_device != "device":
+        raise JobConfigError(f"model.init_device must be 'cpu' or 'device', got {cfg.init_device!r}")
+    if device.type == "cuda":
+        torch.cuda.manual_seed(cfg.init_seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _from_pretrained(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    assert cfg.id is not None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.id, dtype=dtype, device_map=str(device), attn_implementation=cfg.attn_implementation
+        )
+    except OSError as error:
+        where = "local directory" if Path(cfg.id).exists() else "Hub id"
+        raise JobConfigError(
+            f"cannot load the weights of {cfg.id!r} ({where}): {error}. Without network access the model must be "
+            "in the Hugging Face cache (download it once online, e.g. `hf download "
+            f"{cfg.id}`) or passed as a local directory with model.id=/path/to/model."
+        ) from None
+
+
+def _load_tokenizer(cfg: ModelConfig, model: PreTrainedModel) -> object:
+    if cfg.tokenizer == "utf8":
+        return UTF8Tokenizer()
+    if cfg.tokenizer not in ("auto", "hub"):
+        raise JobConfigError(f"model.tokenizer must be auto, utf8 or hub, got {cfg.tokenizer!r}")
+    if cfg.id is not None:
+        try:
+            return AutoTokenizer.from_pretrained(cfg.id)
+        except (OSError, ValueError) as error:
+            if cfg.tokenizer == "hub":
+                raise JobConfigError(f"cannot load the tokenizer of {cfg.id!r}: {error}") from None
+    if model.config.vocab_size <= 256 + 16:
+        return UTF8Tokenizer()
+    raise JobConfigError(
+        f"model {cfg.name!r} has no tokenizer and a vocabulary of {model.config.vocab_size}: "
+        "set model.tokenizer=utf8 only for byte-level models"
+    )
+
+
+class ModelCache:
+    """One model per process at a time, reused by the jobs of a sweep that share (model, dtype, device);
+    with it, its high-precision reference logits per prompt."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str, str] | None = None
+        self._loaded: LoadedModel | None = None
+        self._references: dict[object, torch.Tensor] = {}
+
+    def get(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        key = (repr(cfg), str(dtype), str(device))
+        if key != self._key or self._loaded is None:
+            self.clear()
+            self._loaded = load_model(cfg, dtype, device)
+            self._key = key
+        return self._loaded
+
+    def reference(self, prompt_key: object, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if prompt_key not in self._references:
+            self._references[prompt_key] = compute()
+        return self._references[prompt_key]
+
+    def clear(self) -> None:
+        self._key, self._loaded, self._references = None, None, {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

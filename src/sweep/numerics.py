@@ -1,0 +1,73 @@
+"""Numerics on identical inputs: kernel vs eager in the run's dtype, and both vs a higher-precision reference."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernelization import KernelSwitch
+
+
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=input_ids, use_cache=False).logits
+
+
+def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype) -> torch.Tensor:
+    """The eager forward of the same weights in `reference_dtype`, computed in place to keep one copy of the
+    weights: the model is cast up, run, and cast back (an exact round trip: every low-precision value is
+    representable in the higher precision). Returned as float64 on the host."""
+    run_dtype = next(model.parameters()).dtype
+    model.to(reference_dtype)
+    try:
+        logits = forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
+    finally:
+        model.to(run_dtype)
+        if input_ids.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return logits
+
+
+def relative_error(values: torch.Tensor, reference: torch.Tensor) -> float:
+    values = values.to(device=reference.device, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(values - reference) / torch.linalg.vector_norm(reference))
+
+
+def error_ratio(kernel_error: float, baseline_error: float) -> float:
+    """kernel error / eager error; 1 when both are exact, inf when only the kernel is off."""
+    if baseline_error == 0.0:
+        return 1.0 if kernel_error == 0.0 else float("inf")
+    return kernel_error / baseline_error
+
+
+def ulp_distance(diff: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`diff` in units of `dtype`'s spacing at `magnitude`: 0.125 at a logit of 20 in bf16 is one step."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(magnitude.abs().clamp_min(info.smallest_normal)))
+    return diff / (torch.exp2(exponent) * info.eps)
+
+
+def compare_outputs(baseline: torch.Tensor, kernel: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """The output metrics of the MLflow contract for one pair of logits of the same inputs."""
+    diff = (kernel.double() - baseline.double()).abs()
+    worst = int(diff.argmax())
+    ulp = ulp_distance(diff.flatten()[worst], baseline.double().flatten()[worst], baseline.dtype)
+    ref_err_baseline = relative_error(baseline, reference)
+    ref_err_kernel = relative_error(kernel, reference)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_diff_ulp": float(ulp),
+        "argmax_match": float((kernel.argmax(-1) == baseline.argmax(-1)).float().mean()),
+        "ref_err_baseline": ref_err_baseline,
+        "ref_err_kernel": ref_err_kernel,
+        "err_ratio": error_ratio(ref_err_kernel, ref_err_baseline),
+    }
+
+
+def kernel_and_baseline_logits(
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    baseline = forward_logits(model, input_ids)
+    with switch.active():
+        kernel = forward_logits(model, input_ids)
+    return baseline, kernel

@@ -1,0 +1,390 @@
+"""Report on finished sweeps: read child runs from MLflow stores, tabulate them per GPU, plot them.
+
+    python -m sweep.report --tracking-uri sqlite:///a/mlflow.db --tracking-uri sqlite:///b/mlflow.db --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///runs/mlflow.db"
+DEFAULT_EXPERIMENT = "kernel-sweep"
+
+NUMERIC_PARAMS = ("prompt_len", "batch_size")
+PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode")
+OPTIONAL_METRICS = ("layer_err_ratio_max", "gen_match")
+METRICS = (
+    "latency_ms_baseline", "latency_ms_kernel", "speedup", "speedup_ci_low", "speedup_ci_high",
+    "max_abs_diff", "mean_abs_diff", "argmax_match", "ref_err_baseline", "ref_err_kernel", "err_ratio",
+    "kernelized_total", *OPTIONAL_METRICS,
+)
+# Runs whose fingerprints differ in any of these are never compared as if they came from the same machine.
+FINGERPRINT = (
+    "gpu_name", "device_capability", "gpu_memory_gb", "sm_count", "driver_version", "cuda_version", "cpu_model",
+    "host", "torch_version", "transformers_version", "kernels_version", "triton_version", "liger_kernel_version",
+    "sweep_version", "git_commit", "git_dirty",
+)
+TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role")
+# One table section per configuration and GPU; one row per kernel subset.
+CONFIG = ("model", "dtype", "prompt_len", "batch_size", "timing_mode")
+
+PLOT_FILES = ("speedup_vs_length.png", "err_ratio.png")
+
+
+class ReportError(Exception):
+    """A problem the user must fix (bad store, unknown experiment, invalid filter)."""
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+def load_runs(
+    uris: Sequence[str], experiment: str, sweep_ids: Sequence[str] = (), filter_string: str | None = None
+) -> pd.DataFrame:
+    """All child runs of `experiment` in every store, one row each, with bare column names and a `store` column."""
+    rows = [_flatten(run, uri) for uri in uris for run in _search_store(uri, experiment, sweep_ids, filter_string)]
+    frame = pd.DataFrame(rows)
+    extra = [c for c in frame.columns if c not in (*PARAMS, *TAGS, *METRICS)]
+    frame = frame.reindex(columns=[*PARAMS, *TAGS, *METRICS, *extra])
+    for column in METRICS:
+        frame[column] = frame[column].astype(float)
+    for column in NUMERIC_PARAMS:
+        frame[column] = _numeric_if_possible(frame[column])
+    text_columns = [c for c in (*PARAMS, *TAGS) if c not in NUMERIC_PARAMS]
+    frame[text_columns] = frame[text_columns].astype(object).fillna("")
+    return frame
+
+
+def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str], user_filter: str | None) -> Iterator[Run]:
+    client, experiment_id = _open_experiment(uri, experiment)
+    base = ["tags.sweep_role = 'job'"] + ([user_filter] if user_filter else [])
+    filters = [" and ".join([*base, f"tags.sweep_id = '{s}'"]) for s in sweep_ids] or [" and ".join(base)]
+    for filter_string in filters:
+        token = None
+        while True:
+            try:
+                page = client.search_runs([experiment_id], filter_string, page_token=token)
+            except MlflowException as e:
+                raise ReportError(f"search in {uri} failed for filter {filter_string!r}: {e.message}; "
+                                  "check --filter (MLflow search syntax, e.g. \"params.dtype = 'bfloat16'\")") from e
+            yield from page
+            token = page.token
+            if not token:
+                break
+
+
+def _open_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    _check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        names = [] if found else [e.name for e in client.search_experiments()]
+    except Exception as e:  # the store's own error (SQL, HTTP, ...) is shown as-is, with the uri
+        raise ReportError(f"cannot read MLflow store {uri}: {e}; check --tracking-uri") from e
+    if found is None:
+        available = ", ".join(repr(n) for n in names) or "none"
+        raise ReportError(f"no experiment {experiment!r} in {uri} (experiments there: {available}); "
+                          "pass --experiment NAME or another --tracking-uri")
+    return client, found.experiment_id
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail fast: a missing sqlite file would be created empty, a dead server retried for minutes."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ReportError(f"no MLflow store at {uri}: file {path.resolve()} does not exist; "
+                              "check --tracking-uri (relative paths start from the current directory)")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri, timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered; MLflow reports any real problem
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ReportError(f"cannot reach MLflow server {uri}: {reason}; "
+                              "start it (mlflow server ...) or fix --tracking-uri") from e
+
+
+def _flatten(run: Run, uri: str) -> dict[str, object]:
+    data = {**run.data.tags, **run.data.params, **run.data.metrics}
+    row = {k: v for k, v in data.items() if not k.startswith("mlflow.")}
+    return row | {"run_id": run.info.run_id, "store": uri, "start_time": pd.Timestamp(run.info.start_time, unit="ms")}
+
+
+def _numeric_if_possible(column: pd.Series) -> pd.Series:
+    try:
+        return pd.to_numeric(column)
+    except (ValueError, TypeError):
+        return column.astype(object).fillna("")
+
+
+# --- shaping -------------------------------------------------------------------------------------------------------
+
+
+def hardware_labels(runs: pd.DataFrame) -> pd.Series:
+    """`gpu_name` (or "cpu"); where one name covers several fingerprints, the differing fields are appended."""
+    names = runs["gpu_name"].where(runs["gpu_name"] != "", "cpu")
+    labels = names.copy()
+    for name, index in names.groupby(names).groups.items():
+        prints = runs.loc[index, list(FINGERPRINT)]
+        varying = [c for c in FINGERPRINT if prints[c].nunique() > 1]
+        if varying:
+            details = prints[varying].apply(lambda r: ", ".join(f"{c}={v}" for c, v in r.items()), axis=1)
+            labels.loc[index] = f"{name} (" + details + ")"
+    return labels
+
+
+def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add the `gpu` label; keep the newest run per configuration, kernel subset and fingerprint; sort for display."""
+    runs = runs.assign(gpu=hardware_labels(runs))
+    key = [*CONFIG, "kernels", "gpu", *FINGERPRINT]
+    runs = runs.sort_values("start_time").drop_duplicates(key, keep="last")
+    order = runs.assign(_not_none=runs["kernels"] != "none")
+    order = order.sort_values([*CONFIG, "gpu", "_not_none", "kernels"], kind="stable")
+    return order.drop(columns="_not_none").reset_index(drop=True)
+
+
+def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The original report's table: one (title, table) per configuration and GPU, one row per kernel subset."""
+    sections = []
+    for key, group in runs.groupby([*CONFIG, "gpu"], sort=False, dropna=False):
+        title = ", ".join(f"{name}={value}" for name, value in zip(CONFIG, key[:-1])) + f" on {key[-1]}"
+        sections.append((title, run_table(group)))
+    return sections
+
+
+def run_table(group: pd.DataFrame) -> pd.DataFrame:
+    """Formatted rows of one section; optional metrics get a column only where the section has them."""
+    table = pd.DataFrame({
+        "kernels": group["kernels"],
+        "baseline ms": group["latency_ms_baseline"].map(lambda v: _fmt(v, ".3f")),
+        "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
+        "speedup [CI]": [_speedup(r.speedup, r.speedup_ci_low, r.speedup_ci_high) for r in group.itertuples()],
+        "max diff": group["max_abs_diff"].map(lambda v: _fmt(v, ".3g")),
+        "argmax match": group["argmax_match"].map(lambda v: _fmt(v, ".3g")),
+        "err_ratio": group["err_ratio"].map(lambda v: _fmt(v, ".3g")),
+    })
+    for metric in OPTIONAL_METRICS:
+        if group[metric].notna().any():
+            table[metric] = group[metric].map(lambda v: _fmt(v, ".3g"))
+    table["status"] = [_status(r.run_status, r.status_reason) for r in group.itertuples()]
+    return table.reset_index(drop=True)
+
+
+def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
+    """Speedup per configuration and kernel subset (rows) and GPU (columns), rows in display order."""
+    index = [*CONFIG, "kernels"]
+    pivot = runs.pivot(index=index, columns="gpu", values="speedup")
+    pivot = pivot.reindex(pd.MultiIndex.from_frame(runs[index].drop_duplicates()))
+    pivot.columns.name = None
+    return pivot.reset_index()
+
+
+def export_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Numeric, one-row-per-run table for CSV."""
+    columns = [*CONFIG, "kernels", "gpu", *METRICS, "run_status", "status_reason", *FINGERPRINT,
+               "device", "sweep_id", "run_id", "store", "start_time"]
+    return runs[columns]
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "" if pd.isna(value) else format(value, spec)
+
+
+def _speedup(value: float, low: float, high: float) -> str:
+    if pd.isna(value):
+        return ""
+    interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.2f}, {high:.2f}]"
+    return f"{value:.2f}x{interval}"
+
+
+def _status(status: str, reason: str) -> str:
+    return f"{status}: {reason[:90]}" if reason and status != "measured" else status
+
+
+# --- rendering -----------------------------------------------------------------------------------------------------
+
+
+def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
+    """The whole report as text in `fmt` (md, csv or html); `plots` are image file names to link."""
+    if fmt == "csv":
+        return export_table(runs).to_csv(index=False)
+    pivot = speedup_pivot(runs)
+    gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
+    pivot[gpus] = pivot[gpus].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    sections = section_tables(runs)
+    intro = _intro(runs)
+    if fmt == "md":
+        return _markdown(intro, pivot, sections, plots)
+    return _html(intro, pivot, sections, plots)
+
+
+def _intro(runs: pd.DataFrame) -> str:
+    stores = ", ".join(runs["store"].unique())
+    sweeps = ", ".join(runs["sweep_id"].unique())
+    return (f"{len(runs)} runs (the latest per configuration and machine) from {stores}; sweeps: {sweeps}. "
+            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets.")
+
+
+def _markdown(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], plots: Sequence[str]) -> str:
+    parts = ["# Kernel sweep report", intro, "## Speedup by GPU", markdown_table(pivot), "## Results"]
+    for title, table in sections:
+        parts += [f"### {title}", markdown_table(table)]
+    if plots:
+        parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
+    return "\n\n".join(parts) + "\n"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (no tabulate needed)."""
+    def cell(value: object) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).replace("|", r"\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _html(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], plots: Sequence[str]) -> str:
+    parts = [f"<h1>Kernel sweep report</h1>\n<p>{html.escape(intro)}</p>",
+             "<h2>Speedup by GPU</h2>", pivot.to_html(index=False), "<h2>Results</h2>"]
+    for title, table in sections:
+        parts += [f"<h3>{html.escape(title)}</h3>", table.to_html(index=False)]
+    if plots:
+        parts += ["<h2>Plots</h2>", *(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)]
+    style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px} img{max-width:100%}"
+    body = "\n".join(parts)
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>Kernel sweep report</title>'
+            f"<style>{style}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+# --- plots ---------------------------------------------------------------------------------------------------------
+
+
+def write_plots(runs: pd.DataFrame, out: Path) -> list[str]:
+    """Write the PNG plots that have data into `out`; return their file names."""
+    written = []
+    for name, plot in zip(PLOT_FILES, (plot_speedup_vs_length, plot_err_ratio)):
+        figure = plot(runs)
+        if figure is not None:
+            figure.savefig(out / name, dpi=120)
+            written.append(name)
+    return written
+
+
+def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
+    """Speedup vs prompt length: one panel per (dtype, kernel subset), one line per GPU, CI error bars."""
+    data = runs[runs["speedup"].notna() & runs["prompt_len"].notna()]
+    if data.empty:
+        return None
+    panels = list(data.groupby(["dtype", "kernels"], sort=False))
+    extra = [c for c in ("model", "batch_size", "timing_mode") if data[c].nunique() > 1]
+    ncols = min(3, len(panels))
+    figure = Figure(figsize=(5 * ncols, 3.8 * math.ceil(len(panels) / ncols)), layout="constrained")
+    axes = figure.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False).ravel()
+    for ax, ((dtype, kernels), panel) in zip(axes, panels):
+        for key, line in panel.groupby(["gpu", *extra], sort=False):
+            line = line.sort_values("prompt_len")
+            errors = np.vstack([line["speedup"] - line["speedup_ci_low"], line["speedup_ci_high"] - line["speedup"]])
+            label = ", ".join([key[0], *(f"{c}={v}" for c, v in zip(extra, key[1:]))])
+            ax.errorbar(line["prompt_len"], line["speedup"], yerr=np.nan_to_num(errors.clip(min=0)),
+                        marker="o", capsize=3, label=label)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dtype}, kernels: {kernels}")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("speedup (baseline / kernel)")
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    figure.suptitle("Kernel speedup vs prompt length (error bars: confidence interval; dashed: no change)")
+    return figure
+
+
+def plot_err_ratio(runs: pd.DataFrame) -> Figure | None:
+    """err_ratio per configuration, bars grouped by GPU, with the parity line at 1."""
+    data = runs[runs["err_ratio"].notna()]
+    if data.empty:
+        return None
+    fields = [c for c in (*CONFIG, "kernels") if c == "kernels" or data[c].nunique() > 1]
+    config = data[fields].astype(str).agg(", ".join, axis=1)
+    configs = list(dict.fromkeys(config))
+    gpus = sorted(data["gpu"].unique())
+    width = 0.8 / len(gpus)
+    figure = Figure(figsize=(min(40, max(6, 1 + 0.4 * len(configs) * len(gpus))), 5), layout="constrained")
+    ax = figure.subplots()
+    positions = np.arange(len(configs))
+    for i, gpu in enumerate(gpus):
+        values = data.loc[data["gpu"] == gpu, "err_ratio"].set_axis(config[data["gpu"] == gpu]).reindex(configs)
+        ax.bar(positions + (i - (len(gpus) - 1) / 2) * width, values, width, label=gpu)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="1 = as close to reference as baseline")
+    ax.set_xticks(positions, configs, rotation=45, ha="right")
+    ax.set_xlabel(f"configuration ({', '.join(fields)})")
+    ax.set_ylabel("err_ratio (kernel error / baseline error)")
+    ax.set_title("Error vs reference of kernel run relative to baseline run")
+    ax.legend(fontsize="small")
+    return figure
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", action="append", dest="uris", metavar="URI",
+                        help=f"MLflow store to read; repeat to combine stores (default {DEFAULT_URI})")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default %(default)s)")
+    parser.add_argument("--sweep", action="append", dest="sweep_ids", default=[], metavar="ID",
+                        help="only this sweep (parent run id); may repeat")
+    parser.add_argument("--filter", dest="filter_string", metavar="EXPR",
+                        help="extra MLflow search filter, e.g. \"params.dtype = 'bfloat16'\"")
+    parser.add_argument("--format", choices=("md", "csv", "html"), default="md", help="default %(default)s")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write report.<format> and PNG plots here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    uris = args.uris or [DEFAULT_URI]
+    try:
+        runs = load_runs(uris, args.experiment, args.sweep_ids, args.filter_string)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if runs.empty:
+        print(f"no runs: experiment {args.experiment!r} in {', '.join(uris)} has no child runs"
+              " matching --sweep/--filter", file=sys.stderr)
+        return 1
+    runs = latest_runs(runs)
+    if args.out is None:
+        sys.stdout.write(render(runs, args.format))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, args.out)
+    report = args.out / f"report.{args.format}"
+    report.write_text(render(runs, args.format, plots))
+    written = [report, *(args.out / p for p in plots)]
+    if args.format == "csv":
+        written.append(args.out / "speedup_pivot.csv")
+        speedup_pivot(runs).to_csv(written[-1], index=False)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Timing: baseline and kernel interleaved in rounds (A B / B A at random), rotated over input sets, until the
+paired speedup's interval is narrow enough or the budget is spent. CUDA-graph replay or eager forwards."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .config import TimingConfig
+from .statistics import SpeedupEstimate, paired_speedup
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits, with its side's kernels switched
+
+
+class Runner(Protocol):
+    def prepare(self, input_index: int) -> None:
+        """Untimed set-up before a measurement (e.g. copy the input into a graph's static buffer)."""
+
+    def run(self) -> None:
+        """The timed work: one forward."""
+
+
+class EagerRunner:
+    def __init__(self, forward: Forward, inputs: list[torch.Tensor]):
+        self._forward = forward
+        self._inputs = inputs
+        self._current = inputs[0]
+
+    def prepare(self, input_index: int) -> None:
+        self._current = self._inputs[input_index]
+
+    def run(self) -> None:
+        self._forward(self._current)
+
+
+class GraphCheckError(RuntimeError):
+    """A graph replay disagreed with the eager forward: its timing would measure something else."""
+
+
+class GraphRunner:
+    """A CUDA graph of one forward. The static input and output stay referenced for the graph's lifetime:
+    a replay reads the buffers it captured, and a freed input makes it read garbage."""
+
+    def __init__(self, forward: Forward, inputs: list[torch.Tensor]):
+        self._inputs = inputs
+        self.static_input = inputs[0].clone()
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):  # warm-up outside capture: compilation, cuBLAS handles, autotuning
+            for _ in range(2):
+                forward(self.static_input)
+        torch.cuda.current_stream().wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = forward(self.static_input)
+        self._check_against(forward)
+
+    def _check_against(self, forward: Forward) -> None:
+        for index in range(len(self._inputs)):
+            self.prepare(index)
+            self.run()
+            expected = forward(self._inputs[index])
+            if not torch.equal(self.static_output, expected):
+                diff = (self.static_output.float() - expected.float()).abs().max().item()
+                raise GraphCheckError(f"graph replay differs from the eager forward (max diff {diff:.3g})")
+
+    def prepare(self, input_index: int) -> None:
+        self.static_input.copy_(self._inputs[input_index])
+
+    def run(self) -> None:
+        self.graph.replay()
+
+
+class Clock:
+    """Milliseconds per forward of a runner: device events on CUDA, the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+
+    def measure(self, runner: Runner, reps: int) -> float:
+        if self._cuda:
+            self._start.record()
+            for _ in range(reps):
+                runner.run()
+            self._end.record()
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / reps
+        start = time.perf_counter()
+        for _ in range(reps):
+            runner.run()
+        return (time.perf_counter() - start) * 1e3 / reps
+
+
+@dataclass
+class RoundsResult:
+    baseline_ms: list[float] = field(default_factory=list)
+    kernel_ms: list[float] = field(default_factory=list)
+    estimate: SpeedupEstimate | None = None
+    reps: int = 1
+    seconds: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return len(self.baseline_ms)
+
+    @staticmethod
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+ProgressHook = Callable[[RoundsResult], None]
+
+
+def timed_rounds(
+    baseline: Runner,
+    kernel: Runner | None,
+    n_inputs: int,
+    cfg: TimingConfig,
+    device: torch.device,
+    seed: int = 0,
+    progress: ProgressHook | None = None,
+) -> RoundsResult:
+    """Alternate baseline and kernel (random order each round) until `cfg.target_ci` or `cfg.budget_s`.
+
+    Without a kernel runner the baseline alone is timed for `cfg.min_rounds` rounds.
+    """
+    clock = Clock(device)
+    sides = [baseline] if kernel is None else [baseline, kernel]
+    for runner in sides:
+        for index in range(n_inputs):
+            runner.prepare(index)
+            for _ in range(cfg.warmup):
+                runner.run()
+    baseline.prepare(0)
+    single_ms = clock.measure(baseline, 1)
+    result = RoundsResult(reps=max(1, min(100, math.ceil(cfg.min_measure_ms / max(single_ms, 1e-6)))))
+    order_rng = random.Random(seed)
+    start = time.perf_counter()
+    max_rounds = cfg.min_rounds if kernel is None else cfg.max_rounds
+    while result.rounds < max_rounds:
+        index = result.rounds % n_inputs
+        order = list(range(len(sides)))
+        order_rng.shuffle(order)
+        times = [0.0] * len(sides)
+        for side in order:
+            sides[side].prepare(index)
+            times[side] = clock.measure(sides[side], result.reps)
+        result.baseline_ms.append(times[0])
+        if kernel is not None:
+            result.kernel_ms.append(times[1])
+        result.seconds = time.perf_counter() - start
+        if kernel is not None and _should_stop(result, cfg, seed):
+            break
+        if progress is not None:
+            progress(result)
+        if kernel is None and result.seconds > cfg.budget_s and result.rounds >= 2:
+            break
+    if kernel is not None and result.estimate is None:
+        result.estimate = paired_speedup(result.baseline_ms, result.kernel_ms, cfg.confidence, seed)
+    return result
+
+
+def _should_stop(result: RoundsResult, cfg: TimingConfig, seed: int) -> bool:
+    out_of_budget = result.seconds > cfg.budget_s and result.rounds >= 2
+    checkpoint = result.rounds >= cfg.min_rounds and result.rounds % cfg.check_every == 0
+    if not (checkpoint or out_of_budget or result.rounds >= cfg.max_rounds):
+        return False
+    result.estimate = paired_speedup(result.baseline_ms, result.kernel_ms, cfg.confidence, seed)
+    return out_of_budget or result.estimate.relative_half_width <= cfg.target_ci

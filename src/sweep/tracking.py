@@ -1,0 +1,68 @@
+"""Every MLflow call of sweep: one parent run per sweep invocation, one child run per job."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from .config import TrackingConfig
+from .results import JobResult, RunStatus
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig):
+        _ensure_sqlite_folder(cfg.uri)
+        self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.uri = cfg.uri
+        experiment = self.client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            self.experiment_id = experiment.experiment_id
+        elif cfg.uri.startswith(("http://", "https://")):
+            self.experiment_id = self.client.create_experiment(cfg.experiment)  # the server owns artifacts
+        else:
+            artifacts = Path(cfg.artifact_root).expanduser().resolve()
+            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+
+    def start_sweep(self, name: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags | {"sweep_role": "parent"})
+        return run.info.run_id
+
+    def end_sweep(self, sweep_id: str, summary: dict[str, float], failed: bool) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(sweep_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
+        self.client.set_terminated(sweep_id, status="FAILED" if failed else "FINISHED")
+
+    def log_job(self, sweep_id: str, result: JobResult) -> str:
+        tags = result.tags | {
+            MLFLOW_PARENT_RUN_ID: sweep_id,
+            "sweep_id": sweep_id,
+            "sweep_role": "job",
+            "run_status": result.status.value,
+            "status_reason": result.reason[:5000],
+        }
+        run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags).info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items() if not _is_nan(v)]
+        params = [Param(k, str(v)) for k, v in result.params.items()]
+        self.client.log_batch(run_id, metrics=metrics, params=params)
+        for artifact_file, text in result.texts.items():
+            self.client.log_text(run_id, text, artifact_file)
+        for artifact_dir, path in result.files.items():
+            self.client.log_artifact(run_id, str(path), artifact_dir or None)
+        self.client.set_terminated(run_id, status="FAILED" if result.status == RunStatus.failed else "FINISHED")
+        return run_id
+
+
+def _is_nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _ensure_sqlite_folder(uri: str) -> None:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        Path(uri[len(prefix):]).expanduser().parent.mkdir(parents=True, exist_ok=True)

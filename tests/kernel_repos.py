@@ -1,0 +1,48 @@
+"""CPU kernel repositories in the `kernels` library's local layout, written by the tests."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+# Same arithmetic as transformers' LlamaRMSNorm: bit-identical outputs.
+EXACT_RMSNORM = """
+    hidden = hidden_states.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden.to(hidden_states.dtype)
+"""
+
+# Different arithmetic: normalises in the input dtype, without the float32 upcast.
+LOW_PRECISION_RMSNORM = """
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+"""
+
+EXACT_SILU = """
+    return torch.nn.functional.silu(input)
+"""
+
+# Rounds its output through bfloat16: visibly different in float32 runs.
+ROUNDED_SILU = """
+    return torch.nn.functional.silu(input).to(torch.bfloat16).to(input.dtype)
+"""
+
+
+def write_kernel_repo(root: Path, name: str, layer: str, body: str, argument: str = "hidden_states",
+                      variant: str = "torch-cpu") -> Path:
+    """A kernel repository at root/name whose layer `layer` has `forward(self, argument)` running `body`."""
+    variant_dir = root / name / "build" / variant
+    variant_dir.mkdir(parents=True)
+    backend = "cpu" if variant == "torch-cpu" else variant.removeprefix("torch-")
+    metadata = {"name": name.replace("_", "-"), "id": f"test_{name}", "version": 1, "license": "MIT",
+                "python-depends": [], "backend": {"type": backend}}
+    (variant_dir / "metadata.json").write_text(json.dumps(metadata))
+    forward_body = textwrap.indent(textwrap.dedent(body).strip(), " " * 8)
+    source = (
+        f"import torch\n\n\nclass {layer}(torch.nn.Module):\n    def forward(self, {argument}):\n{forward_body}\n\n\n"
+        f"class layers:\n    {layer} = {layer}\n"
+    )
+    (variant_dir / "__init__.py").write_text(source)
+    return root / name
