@@ -58,8 +58,8 @@ def load_runs(
     """All child runs of `experiment` in every store, one row each, with bare column names and a `store` column."""
     rows = [_flatten(run, uri) for uri in uris for run in _search_store(uri, experiment, sweep_ids, filter_string)]
     frame = pd.DataFrame(rows)
-    extra = [c for c in frame.columns if c not in (*PARAMS, *TAGS, *METRICS)]
-    frame = frame.reindex(columns=[*PARAMS, *TAGS, *METRICS, *extra])
+    known = [*PARAMS, *TAGS, *METRICS, "run_id", "store", "start_time"]
+    frame = frame.reindex(columns=[*known, *(c for c in frame.columns if c not in known)])
     for column in METRICS:
         frame[column] = frame[column].astype(float)
     for column in NUMERIC_PARAMS:
@@ -214,7 +214,8 @@ def _speedup(value: float, low: float, high: float) -> str:
 
 
 def _status(status: str, reason: str) -> str:
-    return f"{status}: {reason[:90]}" if reason and status != "measured" else status
+    reason = " ".join(reason.split())[:90]  # one line, so a traceback cannot break a table
+    return f"{status}: {reason}" if reason and status != "measured" else status
 
 
 # --- rendering -----------------------------------------------------------------------------------------------------
@@ -252,12 +253,13 @@ def _markdown(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.Data
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table (no tabulate needed)."""
-    def cell(value: object) -> str:
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).replace("|", r"\|")
-
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(_cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return "" if pd.isna(value) else str(value).replace("|", r"\|")
 
 
 def _html(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], plots: Sequence[str]) -> str:
@@ -312,7 +314,8 @@ def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
         ax.legend(fontsize="small")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    figure.suptitle("Kernel speedup vs prompt length (error bars: confidence interval; dashed: no change)")
+    figure.suptitle("Kernel speedup vs prompt length (error bars: confidence interval; dashed: no change)\n"
+                    + _constants(data, ("model", "batch_size", "timing_mode")))
     return figure
 
 
@@ -336,9 +339,15 @@ def plot_err_ratio(runs: pd.DataFrame) -> Figure | None:
     ax.set_xticks(positions, configs, rotation=45, ha="right")
     ax.set_xlabel(f"configuration ({', '.join(fields)})")
     ax.set_ylabel("err_ratio (kernel error / baseline error)")
-    ax.set_title("Error vs reference of kernel run relative to baseline run")
+    ax.set_title("Error vs reference of kernel run relative to baseline run\n"
+                 + _constants(data, [c for c in CONFIG if c not in fields]))
     ax.legend(fontsize="small")
     return figure
+
+
+def _constants(data: pd.DataFrame, columns: Sequence[str]) -> str:
+    """The columns that have one value in `data`, as "name=value, ..."."""
+    return ", ".join(f"{c}={data[c].iloc[0]}" for c in columns if data[c].nunique() == 1)
 
 
 # --- command line --------------------------------------------------------------------------------------------------

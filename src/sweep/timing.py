@@ -130,12 +130,13 @@ def timed_rounds(
     device: torch.device,
     seed: int = 0,
     progress: ProgressHook | None = None,
+    clock: Clock | None = None,
 ) -> RoundsResult:
     """Alternate baseline and kernel (random order each round) until `cfg.target_ci` or `cfg.budget_s`.
 
     Without a kernel runner the baseline alone is timed for `cfg.min_rounds` rounds.
     """
-    clock = Clock(device)
+    clock = clock or Clock(device)
     sides = [baseline] if kernel is None else [baseline, kernel]
     for runner in sides:
         for index in range(n_inputs):

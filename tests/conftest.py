@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kernel_repos import (  # noqa: E402
+    EXACT_RMSNORM,
+    EXACT_SILU,
+    LOW_PRECISION_RMSNORM,
+    ROUNDED_SILU,
+    write_kernel_repo,
+)
+
+from sweep.__main__ import CONFIG_DIR  # noqa: E402
+from sweep.models import ModelCache  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHORT_PROMPT = ["prompt.length=40", "timing=quick"]
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kernel-repos")
+    return {
+        "exact_rms": write_kernel_repo(root, "exact_rms", "ExactRMSNorm", EXACT_RMSNORM),
+        "low_rms": write_kernel_repo(root, "low_rms", "LowRMSNorm", LOW_PRECISION_RMSNORM),
+        "exact_silu": write_kernel_repo(root, "exact_silu", "ExactSilu", EXACT_SILU, argument="input"),
+        "rounded_silu": write_kernel_repo(root, "rounded_silu", "RoundedSilu", ROUNDED_SILU, argument="input"),
+        "cuda_only": write_kernel_repo(root, "cuda_only", "ExactRMSNorm", EXACT_RMSNORM, variant="torch-cuda"),
+    }
+
+
+@pytest.fixture(scope="session")
+def cpu_kernel_configs(tmp_path_factory: pytest.TempPathFactory, kernel_repos: dict[str, Path]) -> Path:
+    """A config dir adding kernels choices that run on the CPU: rms_cpu (different arithmetic),
+    silu_cpu (exact) and both_cpu, for the command line through `--config-dir`."""
+    root = tmp_path_factory.mktemp("conf")
+    (root / "kernels").mkdir()
+    rms = f"RMSNorm: {{layer_name: LowRMSNorm, path: {kernel_repos['low_rms']}}}\n"
+    silu = f"SiLU: {{layer_name: ExactSilu, path: {kernel_repos['exact_silu']}}}\n"
+    (root / "kernels" / "rms_cpu.yaml").write_text("name: rms_cpu\n" + rms)
+    (root / "kernels" / "silu_cpu.yaml").write_text("name: silu_cpu\n" + silu)
+    (root / "kernels" / "both_cpu.yaml").write_text("name: both_cpu\n" + rms + silu)
+    return root
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return compose("config", overrides=[f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                                f"tracking.artifact_root={tmp_path}/artifacts", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def models() -> ModelCache:
+    """Shared across tests like across the jobs of a sweep: the tiny model is built once per dtype."""
+    return ModelCache()
+
+
+def local_kernel(layer: str, path: Path, layer_name: str) -> list[str]:
+    return [f"+kernels.{layer}={{path: {path}, layer_name: {layer_name}}}"]

@@ -1,0 +1,104 @@
+"""`python -m sweep` end to end: Hydra multirun, the real kernels path, a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT
+
+CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode"}
+CONTRACT_METRICS = {
+    "latency_ms_baseline", "latency_ms_kernel", "speedup", "speedup_ci_low", "speedup_ci_high", "max_abs_diff",
+    "mean_abs_diff", "argmax_match", "ref_err_baseline", "ref_err_kernel", "err_ratio", "kernelized_total",
+}
+CONTRACT_TAGS = {"gpu_name", "device_capability", "torch_version", "transformers_version", "kernels_version",
+                 "run_status", "status_reason"}
+
+
+def run_sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sweep", *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+               f"tracking.artifact_root={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/hydra",
+               f"hydra.run.dir={tmp_path}/hydra"]
+    env = os.environ | {"COLUMNS": "200"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def child_runs(tmp_path: Path) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("kernel-sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep_role") == "job"]
+    return client, parents, children
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU skip path")
+def test_mission_command_on_cpu_skips_the_cuda_kernels_and_logs_why(tmp_path):
+    done = run_sweep(tmp_path, "-m", "dtype=bf16,fp32", "kernels=rms,silu,both", "timing=quick")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = child_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 6
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["run_status"] == "skipped"
+        assert "cpu" in run.data.tags["status_reason"]
+        assert run.data.tags["gpu_name"] == "cpu"
+        assert CONTRACT_PARAMS <= set(run.data.params)
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted(f"{d} {k} T=118" for d in ("bf16", "fp32") for k in ("rms", "silu", "both"))
+    assert "6 skipped" in done.stdout
+
+
+def test_mission_sweep_with_cpu_kernels_logs_the_contract(tmp_path, cpu_kernel_configs):
+    done = run_sweep(tmp_path, "--config-dir", str(cpu_kernel_configs), "-m", "dtype=bf16,fp32",
+                     "kernels=rms_cpu,silu_cpu,both_cpu", "timing=quick", "prompt.length=40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = child_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 6
+    for run in children:
+        assert run.data.tags["run_status"] == "measured", run.data.tags["status_reason"]
+        assert CONTRACT_PARAMS <= set(run.data.params)
+        assert CONTRACT_METRICS <= set(run.data.metrics)
+        assert CONTRACT_TAGS <= set(run.data.tags)
+        kernels = run.data.params["kernels"]
+        expected = {"rms_cpu": 9, "silu_cpu": 4, "both_cpu": 13}[kernels]
+        assert run.data.metrics["kernelized_total"] == expected
+        assert run.data.tags["kernel_source_RMSNorm" if kernels != "silu_cpu" else "kernel_source_SiLU"].startswith(
+            "local:")
+        if kernels == "silu_cpu":  # exact re-implementation
+            assert run.data.metrics["max_abs_diff"] == 0.0
+        if kernels != "silu_cpu" and run.data.params["dtype"] == "bf16":  # different arithmetic
+            assert run.data.metrics["max_abs_diff"] > 0 and run.data.metrics["err_ratio"] > 1
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts
+    assert "bf16  │ both_cpu" in done.stdout  # the summary table
+    assert "6 measured, 0 skipped, 0 failed" in done.stdout
+
+
+def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(tmp_path, cpu_kernel_configs):
+    done = run_sweep(tmp_path, "--config-dir", str(cpu_kernel_configs), "-m", "dtype=fp32",
+                     "kernels=rms_cpu", "timing=quick", "prompt.length=9000,40")
+    assert done.returncode == 1
+    _, _, children = child_runs(tmp_path)
+    statuses = {r.data.params["prompt_len"]: r.data.tags["run_status"] for r in children}
+    assert statuses == {"9000": "failed", "40": "measured"}
+    failed = next(r for r in children if r.data.params["prompt_len"] == "9000")
+    assert "exceeds the model's 8192 positions" in failed.data.tags["status_reason"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.target_ci=narrow", "target_ci"),
+     ("kernels.RMSNorm.pathh=/x", "pathh")],
+)
+def test_config_typos_fail_at_start_up(tmp_path, override, message):
+    done = run_sweep(tmp_path, override)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()

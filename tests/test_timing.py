@@ -1,0 +1,92 @@
+"""The statistics and the stopping rule, on synthetic timings whose true ratio is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.config import TimingConfig
+from sweep.statistics import paired_speedup
+from sweep.timing import timed_rounds
+
+
+def test_interval_covers_the_true_ratio_about_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    true_speedup, covered, trials = 1.2, 0, 300
+    for trial in range(trials):
+        drift = rng.lognormal(0, 0.05, size=30)  # shared by both sides of a round: pairing cancels it
+        baseline = 1.2 * drift * rng.lognormal(0, 0.02, size=30)
+        kernel = 1.0 * drift * rng.lognormal(0, 0.02, size=30)
+        estimate = paired_speedup(baseline, kernel, seed=trial)
+        covered += estimate.low <= true_speedup <= estimate.high
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_significance_flag_follows_the_interval():
+    rng = np.random.default_rng(2)
+    same = rng.lognormal(0, 0.01, size=40)
+    assert not paired_speedup(same * rng.lognormal(0, 0.01, 40), same * rng.lognormal(0, 0.01, 40)).significant
+    assert paired_speedup(1.5 * same, same * rng.lognormal(0, 0.01, 40)).significant
+
+
+def test_identical_ratios_give_a_zero_width_interval():
+    estimate = paired_speedup([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert estimate.speedup == estimate.low == estimate.high == pytest.approx(2.0)
+
+
+def test_too_few_rounds_is_an_error():
+    with pytest.raises(ValueError):
+        paired_speedup([1.0], [1.0])
+
+
+class FakeRunner:
+    """Runs nothing; its 'time' is drawn by FakeClock."""
+
+    def __init__(self, mean_ms: float):
+        self.mean_ms = mean_ms
+        self.prepared: list[int] = []
+
+    def prepare(self, input_index: int) -> None:
+        self.prepared.append(input_index)
+
+    def run(self) -> None:
+        pass
+
+
+class FakeClock:
+    def __init__(self, noise: float, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.noise = noise
+
+    def measure(self, runner: FakeRunner, reps: int) -> float:
+        return runner.mean_ms * math.exp(self.rng.normal(0, self.noise))
+
+
+def _rounds(noise: float, **timing):
+    baseline, kernel = FakeRunner(2.0), FakeRunner(1.0)
+    cfg = TimingConfig(min_measure_ms=0.0, warmup=0, **timing)
+    result = timed_rounds(baseline, kernel, 3, cfg, torch.device("cpu"), clock=FakeClock(noise))
+    return result, baseline
+
+
+def test_quiet_timings_stop_at_the_first_checkpoint():
+    result, baseline = _rounds(noise=0.001, min_rounds=10, check_every=5, target_ci=0.005)
+    assert result.rounds == 10
+    assert result.estimate.relative_half_width <= 0.005
+    assert result.estimate.low <= 2.0 <= result.estimate.high
+    assert set(baseline.prepared) == {0, 1, 2}  # input sets rotate
+
+
+def test_noisy_timings_keep_going_until_the_target_or_the_cap():
+    result, _ = _rounds(noise=0.05, min_rounds=10, check_every=5, target_ci=0.005, max_rounds=400)
+    assert result.rounds > 10
+    assert result.rounds == 400 or result.estimate.relative_half_width <= 0.005
+    assert result.estimate.speedup == pytest.approx(2.0, rel=0.02)
+
+
+def test_budget_stops_the_rounds():
+    result, _ = _rounds(noise=0.2, min_rounds=10, target_ci=1e-9, budget_s=0.0, max_rounds=10_000)
+    assert result.rounds == 2
