@@ -23,7 +23,7 @@ from sweep.__main__ import CONFIG_DIR  # noqa: E402
 from sweep.models import ModelCache  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHORT_PROMPT = ["prompt.length=40", "timing=quick"]
+SHORT_PROMPT = ["prompt.length=40", "timing=quick", "numerics.gen_tokens=8"]
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

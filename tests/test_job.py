@@ -94,7 +94,7 @@ def test_wrong_layer_name_in_repository_fails(make_config, models, kernel_repos)
     result = run_job(cfg, models)
     assert result.status == RunStatus.failed
     assert "NoSuchLayer" in result.reason
-    assert "traceback.txt" in result.texts
+    assert "traceback.txt" in result.artifacts
 
 
 def test_switching_restores_the_baseline_bit_for_bit(make_config, models, kernel_repos):

@@ -16,7 +16,14 @@ from .errors import JobConfigError, SkipJob
 from .fingerprint import fingerprint
 from .kernelization import KernelSwitch, check_layers_exist, resolve_kernel
 from .models import ModelCache, torch_dtype
-from .numerics import compare_outputs, forward_logits, reference_logits, relative_error
+from .forensics import distribution_metrics, generation_metrics, layer_metrics, layers_csv, layers_png, traced_logits
+from .numerics import (
+    compare_outputs,
+    forward_logits,
+    kernel_and_baseline_logits,
+    reference_logits,
+    relative_error,
+)
 from .prompts import prompt_inputs
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
@@ -91,7 +98,7 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
     """Never raises for a bad combination: the result says skipped or failed, with the reason."""
     started = time.perf_counter()
     result = JobResult(name=job_name(cfg), params=job_params(cfg))
-    result.texts["config.yaml"] = OmegaConf.to_yaml(cfg)
+    result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
     try:
         plan = plan_job(cfg)
         result.tags |= fingerprint(plan.device)
@@ -100,7 +107,7 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
         result.status, result.reason = RunStatus.skipped, str(skip)
     except Exception as error:  # any failure of one combination is that run's result, not the sweep's end
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
-        result.texts["traceback.txt"] = traceback.format_exc()
+        result.artifacts["traceback.txt"] = traceback.format_exc()
     result.metrics["job_wall_s"] = time.perf_counter() - started
     return result
 
@@ -140,19 +147,30 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             )
 
     status("numerics")
-    baseline_logits = forward_logits(model, inputs[0])
     if switch is None:
-        result.metrics["ref_err_baseline"] = relative_error(baseline_logits, reference)
+        result.metrics["ref_err_baseline"] = relative_error(forward_logits(model, inputs[0]), reference)
     else:
-        with switch.active():
-            kernel_logits = forward_logits(model, inputs[0])
-        result.metrics |= compare_outputs(baseline_logits, kernel_logits, reference)
-        del kernel_logits
-    del baseline_logits
+        _numerics(model, switch, inputs[0], reference, cfg, result, status)
 
     _time(model, switch, inputs, cfg, plan, result, status)
     if plan.device.type == "cuda":
         result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
+
+
+def _numerics(model, switch: KernelSwitch, input_ids, reference, cfg, result: JobResult, status: StatusHook) -> None:
+    if cfg.numerics.per_layer:
+        baseline, kernel, records = traced_logits(model, switch, input_ids)
+        result.metrics |= layer_metrics(records)
+        result.artifacts["layers/layers.csv"] = layers_csv(records)
+        result.artifacts["layers/layers.png"] = layers_png(records, f"{result.name}: where the kernels differ")
+    else:
+        baseline, kernel = kernel_and_baseline_logits(model, switch, input_ids)
+    result.metrics |= compare_outputs(baseline, kernel, reference)
+    result.metrics |= distribution_metrics(baseline, kernel)
+    del baseline, kernel
+    if cfg.numerics.gen_tokens > 0:
+        status(f"generating {cfg.numerics.gen_tokens} tokens")
+        result.metrics |= generation_metrics(model, switch, input_ids, cfg.numerics.gen_tokens)
 
 
 def _side_forward(model: torch.nn.Module, switch: KernelSwitch | None, kernel_on: bool):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 
 class RunStatus(str, Enum):
@@ -21,5 +20,4 @@ class JobResult:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    texts: dict[str, str] = field(default_factory=dict)  # artifact path -> text content
-    files: dict[str, Path] = field(default_factory=dict)  # artifact directory -> local file
+    artifacts: dict[str, str | bytes] = field(default_factory=dict)  # artifact path -> text or file content

@@ -14,7 +14,7 @@ from rich.console import Console
 from .config import TrackingConfig
 from .models import ModelCache
 from .results import JobResult, RunStatus
-from .summary import summary_table
+from .summary import accuracy_table, summary_table
 from .tracking import Tracker
 
 
@@ -56,6 +56,8 @@ class SweepSession:
         self.tracker.end_sweep(self.sweep_id, {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall},
                                failed=self.failed > 0)
         self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
+        if any("err_ratio" in r.metrics for r in self.results):
+            self.console.print(accuracy_table(self.results))
         self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
 
 

@@ -31,6 +31,23 @@ def _status(result: JobResult) -> str:
     return f"{result.status.value}: {reason}"
 
 
+def accuracy_table(results: list[JobResult], title: str = "accuracy") -> Table:
+    """Is the kernel worse than eager or just different, where does it start, does it change generation?"""
+    table = Table(title=title, caption="err_ratio > 1: the kernel is further from the float32/64 reference than eager")
+    for column in ("dtype", "kernels", "T", "max diff", "max diff (ulp)", "err_ratio", "layer_err_ratio_max",
+                   "first divergent layer", "kl_div", "top5", "gen_match", "status"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        table.add_row(
+            result.params["dtype"], result.params["kernels"], result.params["prompt_len"],
+            _number(result, "max_abs_diff", ".4g"), _number(result, "max_abs_diff_ulp", ".3g"),
+            _number(result, "err_ratio", ".3f"), _number(result, "layer_err_ratio_max", ".3f"),
+            _number(result, "first_divergent_layer", ".0f"), _number(result, "kl_div", ".2e"),
+            _number(result, "top5_overlap", ".3f"), _number(result, "gen_match", ".3f"), result.status.value,
+        )
+    return table
+
+
 def summary_table(results: list[JobResult], title: str = "sweep") -> Table:
     table = Table(title=title, caption="~ : the speedup's 95% interval includes 1 (no measurable difference)")
     for column in ("dtype", "kernels", "T", "baseline ms", "kernel ms", "speedup [95% CI]", "max diff",

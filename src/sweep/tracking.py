@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,12 +51,21 @@ class Tracker:
         metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items() if not _is_nan(v)]
         params = [Param(k, str(v)) for k, v in result.params.items()]
         self.client.log_batch(run_id, metrics=metrics, params=params)
-        for artifact_file, text in result.texts.items():
-            self.client.log_text(run_id, text, artifact_file)
-        for artifact_dir, path in result.files.items():
-            self.client.log_artifact(run_id, str(path), artifact_dir or None)
+        self._log_artifacts(run_id, result.artifacts)
         self.client.set_terminated(run_id, status="FAILED" if result.status == RunStatus.failed else "FINISHED")
         return run_id
+
+
+    def _log_artifacts(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            for artifact_path, content in artifacts.items():
+                local = Path(folder) / artifact_path
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    local.write_bytes(content)
+                else:
+                    local.write_text(content)
+            self.client.log_artifacts(run_id, folder)
 
 
 def _is_nan(value: float) -> bool:

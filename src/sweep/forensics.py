@@ -1,0 +1,185 @@
+"""Numerical forensics: which kernelized module a difference comes from, whether the kernel or eager is the
+less accurate one, and whether the difference changes what the model generates."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .kernelization import KernelSwitch, layer_name
+from .numerics import error_ratio, forward_logits
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    index: int  # order of execution in the forward
+    name: str
+    layer: str
+    eager_max_err: float  # isolated: the module's eager forward vs float64, on the same input
+    eager_mean_err: float
+    kernel_max_err: float  # isolated: the kernel forward vs float64, on the same input
+    kernel_mean_err: float
+    err_ratio: float  # kernel_mean_err / eager_mean_err
+    propagated_max_diff: float  # output in the kernelized forward vs in the baseline forward
+
+
+@dataclass
+class _Calls:
+    """The first input and output of each module, in the order the forward called them."""
+
+    inputs: dict[torch.nn.Module, torch.Tensor]
+    outputs: dict[torch.nn.Module, torch.Tensor]
+
+
+@contextmanager
+def _recording(modules: list[torch.nn.Module]) -> Iterator[_Calls]:
+    calls = _Calls({}, {})
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if module not in calls.outputs and args and isinstance(output, torch.Tensor):
+            calls.inputs[module] = args[0]
+            calls.outputs[module] = output
+
+    handles: list[RemovableHandle] = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def traced_logits(
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[LayerRecord]]:
+    """Baseline and kernel logits of one input, and the per-module attribution from the same two forwards."""
+    modules = switch.modules
+    with _recording(modules) as baseline_calls:
+        baseline = forward_logits(model, input_ids)
+    with switch.active(), _recording(modules) as kernel_calls:
+        kernel = forward_logits(model, input_ids)
+    names = {module: name for name, module in model.named_modules()}
+    records = []
+    for index, module in enumerate(baseline_calls.outputs):
+        eager_err, kernel_err = _isolated_errors(module, switch, baseline_calls.inputs[module])
+        propagated = _max_abs(kernel_calls.outputs[module], baseline_calls.outputs[module])
+        records.append(LayerRecord(
+            index=index, name=names.get(module, type(module).__name__), layer=layer_name(module),
+            eager_max_err=eager_err[0], eager_mean_err=eager_err[1],
+            kernel_max_err=kernel_err[0], kernel_mean_err=kernel_err[1],
+            err_ratio=error_ratio(kernel_err[1], eager_err[1]), propagated_max_diff=propagated,
+        ))
+    return baseline, kernel, records
+
+
+def _isolated_errors(
+    module: torch.nn.Module, switch: KernelSwitch, module_input: torch.Tensor
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    with torch.inference_mode():
+        eager = type(module).forward(module, module_input)
+        with switch.active():
+            kernel = module(module_input)
+        reference_module = copy.deepcopy(module).to(torch.float64)
+        reference = type(module).forward(reference_module, module_input.to(torch.float64))
+    return _errors(eager, reference), _errors(kernel, reference)
+
+
+def _errors(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    diff = (values.to(torch.float64) - reference).abs()
+    return float(diff.max()), float(diff.mean())
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+
+
+def layer_metrics(records: list[LayerRecord]) -> dict[str, float]:
+    first = next((r.index for r in records if r.propagated_max_diff > 0), -1)
+    worst = max((r.err_ratio for r in records), default=1.0)
+    return {"layer_err_ratio_max": worst, "first_divergent_layer": float(first)}
+
+
+def distribution_metrics(baseline: torch.Tensor, kernel: torch.Tensor, k: int = 5) -> dict[str, float]:
+    """Mean KL(baseline || kernel) of the next-token distributions, and the mean overlap of their top-k."""
+    log_p = torch.log_softmax(baseline.to(torch.float64), dim=-1)
+    log_q = torch.log_softmax(kernel.to(torch.float64), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+    top_p = baseline.topk(k, dim=-1).indices
+    top_q = kernel.topk(k, dim=-1).indices
+    overlap = (top_p.unsqueeze(-1) == top_q.unsqueeze(-2)).any(-1).float().mean(-1)
+    return {"kl_div": float(kl.mean()), "top5_overlap": float(overlap.mean())}
+
+
+def generation_agreement(baseline_tokens: torch.Tensor, kernel_tokens: torch.Tensor) -> dict[str, float]:
+    """Fraction of identical generated tokens, and the first position where they differ (-1: none)."""
+    same = (baseline_tokens == kernel_tokens).all(dim=0) if baseline_tokens.dim() > 1 else (
+        baseline_tokens == kernel_tokens)
+    mismatches = (~same).nonzero()
+    first = int(mismatches[0]) if len(mismatches) else -1
+    return {"gen_match": float(same.float().mean()), "gen_first_divergence": float(first)}
+
+
+def greedy_tokens(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy tokens after the prompt, never stopping early; shape (batch, new_tokens)."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+        )
+    return out[:, input_ids.shape[1]:]
+
+
+def generation_metrics(
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, new_tokens: int
+) -> dict[str, float]:
+    baseline = greedy_tokens(model, input_ids, new_tokens)
+    with switch.active():
+        kernel = greedy_tokens(model, input_ids, new_tokens)
+    return generation_agreement(baseline, kernel)
+
+
+def layers_csv(records: list[LayerRecord]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(LayerRecord.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in records)
+    return buffer.getvalue()
+
+
+_PLOT_RATIO_CAP = 1e6
+
+
+def layers_png(records: list[LayerRecord], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    index = [r.index for r in records]
+    fig, (isolated, propagated) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for layer in sorted({r.layer for r in records}):
+        mine = [r for r in records if r.layer == layer]
+        ratios = [min(r.err_ratio, _PLOT_RATIO_CAP) for r in mine]  # inf: eager exact, kernel not
+        isolated.plot([r.index for r in mine], ratios, "o-", label=layer)
+        propagated.plot([r.index for r in mine], [r.propagated_max_diff for r in mine], "o-", label=layer)
+    isolated.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    isolated.set_ylabel("isolated error ratio\n(kernel / eager vs float64)")
+    isolated.set_yscale("log")
+    isolated.legend()
+    propagated.set_ylabel("propagated max |diff|\n(kernelized vs baseline forward)")
+    propagated.set_xlabel("kernelized module, in forward order")
+    propagated.set_xticks(index)
+    propagated.set_xticklabels([r.name.removeprefix("model.") for r in records], rotation=60, fontsize=6,
+                               ha="right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
