@@ -1,0 +1,97 @@
+"""Where a kernel's difference comes from, and whether it matters: per-layer attribution and generation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import SHORT_PROMPT, local_kernel
+from sweep.config import TrackingConfig
+from sweep.forensics import distribution_metrics, generation_agreement
+from sweep.job import run_job
+from sweep.numerics import ulp_distance
+from sweep.results import RunStatus
+from sweep.tracking import Tracker
+
+
+def _rows(result) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+
+
+def test_different_rmsnorm_is_attributed_to_the_rmsnorms_not_the_silus(make_config, models, kernel_repos):
+    cfg = make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                      *local_kernel("RMSNorm", kernel_repos["low_rms"], "LowRMSNorm"),
+                      *local_kernel("SiLU", kernel_repos["exact_silu"], "ExactSilu"))
+    result = run_job(cfg, models)
+    assert result.status == RunStatus.measured, result.reason
+    rows = _rows(result)
+    assert len(rows) == 13 and [int(r["index"]) for r in rows] == list(range(13))
+    rms = [r for r in rows if r["layer"] == "RMSNorm"]
+    silu = [r for r in rows if r["layer"] == "SiLU"]
+    assert len(rms) == 9 and len(silu) == 4
+    assert rms[0]["name"] == "model.layers.0.input_layernorm" and rms[-1]["name"] == "model.norm"
+    assert sum(float(r["err_ratio"]) > 1.0 for r in rms) >= 7  # low-precision arithmetic: worse than eager
+    assert all(float(r["err_ratio"]) == 1.0 for r in silu)  # exact: same error as eager on the same input
+    assert float(rms[0]["propagated_max_diff"]) > 0
+    assert result.metrics["first_divergent_layer"] == 0
+    assert result.metrics["layer_err_ratio_max"] == max(float(r["err_ratio"]) for r in rows)
+    assert result.artifacts["layers/layers.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exact_kernels_give_zero_everywhere(make_config, models, kernel_repos):
+    cfg = make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                      *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"),
+                      *local_kernel("SiLU", kernel_repos["exact_silu"], "ExactSilu"))
+    result = run_job(cfg, models)
+    assert result.status == RunStatus.measured, result.reason
+    assert all(float(r["propagated_max_diff"]) == 0.0 and float(r["err_ratio"]) == 1.0 for r in _rows(result))
+    metrics = result.metrics
+    assert metrics["first_divergent_layer"] == -1 and metrics["layer_err_ratio_max"] == 1.0
+    assert metrics["max_abs_diff"] == 0.0 and metrics["max_abs_diff_ulp"] == 0.0
+    assert metrics["gen_match"] == 1.0 and metrics["gen_first_divergence"] == -1
+    assert metrics["kl_div"] == 0.0 and metrics["top5_overlap"] == 1.0
+
+
+def test_layer_table_and_plot_land_in_mlflow(make_config, models, kernel_repos, tmp_path):
+    cfg = make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                      *local_kernel("RMSNorm", kernel_repos["low_rms"], "LowRMSNorm"))
+    result = run_job(cfg, models)
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")))
+    run_id = tracker.log_job(tracker.start_sweep("t", {}), result)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    assert {a.path for a in client.list_artifacts(run_id, "layers")} == {"layers/layers.csv", "layers/layers.png"}
+    png = client.download_artifacts(run_id, "layers/layers.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    metrics = client.get_run(run_id).data.metrics
+    for name in ("layer_err_ratio_max", "first_divergent_layer", "gen_match", "gen_first_divergence", "kl_div",
+                 "top5_overlap", "max_abs_diff_ulp"):
+        assert name in metrics
+
+
+def test_generation_agreement_on_known_sequences():
+    same = torch.tensor([[5, 6, 7, 8]])
+    assert generation_agreement(same, same.clone()) == {"gen_match": 1.0, "gen_first_divergence": -1.0}
+    assert generation_agreement(same, torch.tensor([[5, 6, 9, 8]])) == {"gen_match": 0.75,
+                                                                         "gen_first_divergence": 2.0}
+
+
+def test_distribution_metrics_on_a_known_pair():
+    baseline = torch.tensor([[[0.0, 0.0, -50.0, -50.0, -50.0, -50.0]]])
+    kernel = torch.tensor([[[math.log(3.0), 0.0, -50.0, -50.0, -50.0, -60.0]]])
+    expected_kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    metrics = distribution_metrics(baseline, kernel)
+    assert metrics["kl_div"] == pytest.approx(expected_kl, rel=1e-6)
+    assert metrics["top5_overlap"] == pytest.approx(4 / 5)  # index 5 leaves the kernel's top 5
+
+
+@pytest.mark.parametrize(("diff", "magnitude", "dtype", "ulps"), [
+    (0.125, 20.0, torch.bfloat16, 1.0), (0.0625, 8.0, torch.bfloat16, 1.0), (2.0**-10, 1.5, torch.float16, 1.0),
+    (2.0**-21, 3.0, torch.float32, 2.0),
+])
+def test_ulp_distance(diff, magnitude, dtype, ulps):
+    assert float(ulp_distance(torch.tensor(diff), torch.tensor(magnitude), dtype)) == ulps
