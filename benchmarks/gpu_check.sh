@@ -6,9 +6,9 @@ export PYTHONPATH=src:$PYTHONPATH COLUMNS=200
 store=${1:-gpu}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
-start=$(date +%s.%N)
+start=$(date +%s%N)
 python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both tracking.uri=sqlite:///$OUT/$store.db > $OUT/mission.log 2>&1
-echo "mission sweep wall: $(echo "$(date +%s.%N) - $start" | bc) s (process start to summary table)"
+echo "mission sweep wall: $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to summary table)"
 tail -25 $OUT/mission.log
 python3 -m sweep -m dtype=bf16,fp16,fp32 kernels=rms,silu prompt.length=118,8192 \
   tracking.uri=sqlite:///$OUT/$store.db > $OUT/accuracy.log 2>&1

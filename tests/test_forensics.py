@@ -95,3 +95,18 @@ def test_distribution_metrics_on_a_known_pair():
 ])
 def test_ulp_distance(diff, magnitude, dtype, ulps):
     assert float(ulp_distance(torch.tensor(diff), torch.tensor(magnitude), dtype)) == ulps
+
+
+def test_float64_reference_does_not_fall_back_to_float32_inside_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sweep.numerics import KeepPrecision
+
+    norm = LlamaRMSNorm(64).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 64, dtype=torch.float64)
+    exact = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    with KeepPrecision(torch.float64):
+        kept = norm(x)
+    assert torch.equal(kept, exact)
+    assert not torch.equal(norm(x), exact)  # transformers normalises in float32 on its own

@@ -14,7 +14,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .kernelization import KernelSwitch, layer_name
-from .numerics import error_ratio, forward_logits
+from .numerics import KeepPrecision, error_ratio, forward_logits
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _isolated_errors(
         with switch.active():
             kernel = module(module_input)
         reference_module = copy.deepcopy(module).to(torch.float64)
-        reference = type(module).forward(reference_module, module_input.to(torch.float64))
+        with KeepPrecision(torch.float64):
+            reference = type(module).forward(reference_module, module_input.to(torch.float64))
     return _errors(eager, reference), _errors(kernel, reference)
 
 

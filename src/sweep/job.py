@@ -208,6 +208,8 @@ def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: 
         def report(rounds: RoundsResult, mode: TimingMode = mode) -> None:
             status(f"timing ({mode.value}) round {rounds.rounds}")
 
+        if isinstance(baseline, GraphRunner):
+            result.metrics["graph_replay_rel_err"] = max(r.replay_error for r in (baseline, kernel) if r is not None)
         measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
         del baseline, kernel
     if plan.device.type == "cuda":

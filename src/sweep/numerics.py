@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .kernelization import KernelSwitch
 
@@ -12,6 +13,35 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
         return model(input_ids=input_ids, use_cache=False).logits
 
 
+_LOWERING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
+                     torch.Tensor.bfloat16: torch.bfloat16}
+
+
+class KeepPrecision(TorchFunctionMode):
+    """Evaluates code written for low precision entirely in `dtype`: casts of `dtype` tensors to a lower
+    floating precision keep `dtype`. transformers' RMSNorm casts its input to float32, so without this a
+    "float64" forward would still normalise in float32."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == self.dtype:
+            if func is torch.Tensor.to:
+                args = tuple(self._keep(a) for a in args)
+                kwargs = {k: self._keep(v) for k, v in kwargs.items()}
+            elif func in _LOWERING_METHODS and self._keep(_LOWERING_METHODS[func]) is self.dtype:
+                return args[0]
+        return func(*args, **kwargs)
+
+    def _keep(self, value: object) -> object:
+        if isinstance(value, torch.dtype) and value.is_floating_point and value.itemsize < self.dtype.itemsize:
+            return self.dtype
+        return value
+
+
 def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype) -> torch.Tensor:
     """The eager forward of the same weights in `reference_dtype`, computed in place to keep one copy of the
     weights: the model is cast up, run, and cast back (an exact round trip: every low-precision value is
@@ -19,7 +49,8 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_
     run_dtype = next(model.parameters()).dtype
     model.to(reference_dtype)
     try:
-        logits = forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
+        with KeepPrecision(reference_dtype):
+            logits = forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
     finally:
         model.to(run_dtype)
         if input_ids.device.type == "cuda":

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from .config import TimingConfig
+from .numerics import relative_error
 from .statistics import SpeedupEstimate, paired_speedup
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits, with its side's kernels switched
@@ -43,6 +44,11 @@ class GraphCheckError(RuntimeError):
     """A graph replay disagreed with the eager forward: its timing would measure something else."""
 
 
+# cuBLAS may pick other algorithms under capture, so a replay can differ from eager by rounding (seen on an
+# 8B model in bf16: relative error ~1e-3). Reading a wrong or freed input differs by order 1.
+REPLAY_TOLERANCE = 1e-2
+
+
 class GraphRunner:
     """A CUDA graph of one forward. The static input and output stay referenced for the graph's lifetime:
     a replay reads the buffers it captured, and a freed input makes it read garbage."""
@@ -59,16 +65,23 @@ class GraphRunner:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_output = forward(self.static_input)
-        self._check_against(forward)
+        self.replay_error = self._check_against(forward)
 
-    def _check_against(self, forward: Forward) -> None:
-        for index in range(len(self._inputs)):
+    def _check_against(self, forward: Forward) -> float:
+        """Replays every input set; returns the largest relative error against the eager forward."""
+        eager = [forward(ids) for ids in self._inputs]
+        worst = 0.0
+        for index, expected in enumerate(eager):
             self.prepare(index)
             self.run()
-            expected = forward(self._inputs[index])
-            if not torch.equal(self.static_output, expected):
-                diff = (self.static_output.float() - expected.float()).abs().max().item()
-                raise GraphCheckError(f"graph replay differs from the eager forward (max diff {diff:.3g})")
+            error = relative_error(self.static_output, expected)
+            others = [relative_error(self.static_output, e) for i, e in enumerate(eager) if i != index]
+            if error > REPLAY_TOLERANCE or any(error >= other for other in others):
+                raise GraphCheckError(
+                    f"graph replay of input set {index} differs from the eager forward (relative error {error:.3g})"
+                )
+            worst = max(worst, error)
+        return worst
 
     def prepare(self, input_index: int) -> None:
         self.static_input.copy_(self._inputs[input_index])
