@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,9 @@ from .session import close_session, current_session
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 register_configs()
+# Newer omegaconf releases warn about Hydra 1.3's own internals on every job.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"hydra\._internal")
+warnings.filterwarnings("ignore", category=UserWarning, message="register_new_resolver")
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")

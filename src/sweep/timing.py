@@ -44,9 +44,11 @@ class GraphCheckError(RuntimeError):
     """A graph replay disagreed with the eager forward: its timing would measure something else."""
 
 
-# cuBLAS may pick other algorithms under capture, so a replay can differ from eager by rounding (seen on an
-# 8B model in bf16: relative error ~1e-3). Reading a wrong or freed input differs by order 1.
+# cuBLAS may pick other algorithms under capture, so a replay can differ from eager by rounding, and a deep
+# random-init model amplifies rounding (seen: relative error 0.03 on the 8B shape in bf16). A replay that read
+# a wrong or freed input is as far from its own eager output as from another input's (order 1).
 REPLAY_TOLERANCE = 1e-2
+REPLAY_SEPARATION = 0.1
 
 
 class GraphRunner:
@@ -76,7 +78,8 @@ class GraphRunner:
             self.run()
             error = relative_error(self.static_output, expected)
             others = [relative_error(self.static_output, e) for i, e in enumerate(eager) if i != index]
-            if error > REPLAY_TOLERANCE or any(error >= other for other in others):
+            separated = bool(others) and error < REPLAY_SEPARATION * min(others)
+            if error > REPLAY_TOLERANCE and not separated:
                 raise GraphCheckError(
                     f"graph replay of input set {index} differs from the eager forward (relative error {error:.3g})"
                 )
