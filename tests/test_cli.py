@@ -102,3 +102,10 @@ def test_config_typos_fail_at_start_up(tmp_path, override, message):
     assert done.returncode != 0
     assert message in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_stops_the_sweep_at_once(tmp_path):
+    command = [sys.executable, "-m", "sweep", "tracking.uri=http://127.0.0.1:9", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "cannot reach MLflow server http://127.0.0.1:9" in done.stderr + done.stdout

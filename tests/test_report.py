@@ -57,8 +57,8 @@ class StoreWriter:
         tags = {"mlflow.parentRunId": sweep_id, "sweep_id": sweep_id, "sweep_role": "job",
                 "run_status": status, "status_reason": reason, **fingerprint(gpu)}
         run_id = self._run(tags)
-        params = {"model": "tiny-llama", "dtype": "bfloat16", "kernels": kernels, "prompt_len": prompt_len,
-                  "batch_size": 1, "device": "cuda", "timing_mode": "cuda_events"}
+        params = {"model": "tiny-llama", "dtype": "bf16", "kernels": kernels, "prompt_len": prompt_len,
+                  "batch_size": 1, "device": "cuda", "timing_mode": "graph"}
         metrics = {} if status != "measured" else metrics_for(
             speedup if speedup is not None else expected_speedup(gpu, kernels, prompt_len), kernels, prompt_len)
         metrics |= extra or {}
@@ -122,8 +122,8 @@ def md_tables(text: str) -> dict[str, list[dict[str, str]]]:
 
 
 def section(gpu: str, prompt_len: int) -> str:
-    return (f"model=tiny-llama, dtype=bfloat16, prompt_len={prompt_len}, batch_size=1, "
-            f"timing_mode=cuda_events on {gpu}")
+    return (f"model=tiny-llama, dtype=bf16, prompt_len={prompt_len}, batch_size=1, "
+            f"timing_mode=graph on {gpu}")
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -225,7 +225,7 @@ def test_out_writes_report_and_pngs(stores: Stores, capsys: pytest.CaptureFixtur
 
 def test_runs_from_different_fingerprints_are_never_merged() -> None:
     def row(gpu: str, torch: str, start: int, speedup: float) -> dict[str, object]:
-        return {"model": "m", "dtype": "bfloat16", "prompt_len": 128, "batch_size": 1, "timing_mode": "t",
+        return {"model": "m", "dtype": "bf16", "prompt_len": 128, "batch_size": 1, "timing_mode": "t",
                 "kernels": "rms", "start_time": pd.Timestamp(start, unit="s"), "speedup": speedup,
                 **dict.fromkeys(FINGERPRINT, ""), "gpu_name": gpu, "torch_version": torch}
 

@@ -26,6 +26,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 from sweep import report
+from sweep.config import TrackingConfig
+from sweep.results import JobResult, RunStatus
+from sweep.tracking import Tracker
 
 HEALTH_TIMEOUT_S = 60
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -323,6 +326,23 @@ def test_a_copied_sqlite_store_still_points_at_the_old_artifact_path(carried_sto
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
         carried_store.old.unlink()
+
+
+def test_new_runs_in_a_copied_sqlite_store_write_artifacts_to_the_old_path(carried_store, tmp_path):
+    """Logging into the copy follows the experiment's recorded location, not tracking.artifact_root: the new
+    run's artifacts go to the old absolute path, recreated silently."""
+    copy = tmp_path / "runs"
+    shutil.copytree(carried_store.new, copy)
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{copy}/mlflow.db", artifact_root=str(copy / "artifacts")))
+    sweep_id = tracker.start_sweep("into the copy", tags={})
+    result = JobResult(name="fp32 none T=40", params={"kernels": "none"}, status=RunStatus.skipped)
+    result.artifacts["config.yaml"] = "kernels: none\n"
+    try:
+        run_id = tracker.log_job(sweep_id, result)
+        assert (carried_store.old / "artifacts" / run_id / "artifacts" / "config.yaml").is_file()
+        assert not (copy / "artifacts" / run_id).exists()
+    finally:
+        shutil.rmtree(carried_store.old.parent, ignore_errors=True)
 
 
 def test_a_server_store_moves_with_its_artifacts(server, server_sweep, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from statistics import median
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ def job_name(cfg: SweepConfig | DictConfig) -> str:
     name = f"{cfg.dtype.name} {cfg.kernels.get('name', 'custom')} T={cfg.prompt.length}"
     if cfg.prompt.batch_size != 1:
         name += f" B={cfg.prompt.batch_size}"
-    return name if cfg.model.name == "tiny-llama" else f"{cfg.model.name} {name}"
+    model = cfg.model.id or cfg.model.name
+    return name if model == "tiny-llama" else f"{model} {name}"
 
 
 def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
@@ -221,21 +223,21 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     primary_mode = next(iter(measured))
     primary = measured[primary_mode]
     metrics = result.metrics
-    metrics["latency_ms_baseline"] = primary.median(primary.baseline_ms)
+    metrics["latency_ms_baseline"] = median(primary.baseline_ms)
     metrics["timing_rounds"] = primary.rounds
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():
-            metrics[f"{prefixes[mode]}_baseline"] = rounds.median(rounds.baseline_ms)
+            metrics[f"{prefixes[mode]}_baseline"] = median(rounds.baseline_ms)
             if rounds.kernel_ms:
-                metrics[f"{prefixes[mode]}_kernel"] = rounds.median(rounds.kernel_ms)
+                metrics[f"{prefixes[mode]}_kernel"] = median(rounds.kernel_ms)
     if TimingMode.graph in measured and TimingMode.eager in measured:
         graph, eager = measured[TimingMode.graph], measured[TimingMode.eager]
-        metrics["launch_overhead"] = eager.median(eager.baseline_ms) / graph.median(graph.baseline_ms)
+        metrics["launch_overhead"] = median(eager.baseline_ms) / median(graph.baseline_ms)
     if primary.estimate is not None:
-        metrics["latency_ms_kernel"] = primary.median(primary.kernel_ms)
+        metrics["latency_ms_kernel"] = median(primary.kernel_ms)
         metrics["speedup"] = primary.estimate.speedup
         metrics["speedup_ci_low"] = primary.estimate.low
         metrics["speedup_ci_high"] = primary.estimate.high

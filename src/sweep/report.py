@@ -9,8 +9,6 @@ import argparse
 import html
 import math
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from .tracking import check_server_reachable
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "kernel-sweep"
@@ -80,7 +80,7 @@ def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str], user_filt
                 page = client.search_runs([experiment_id], filter_string, page_token=token)
             except MlflowException as e:
                 raise ReportError(f"search in {uri} failed for filter {filter_string!r}: {e.message}; "
-                                  "check --filter (MLflow search syntax, e.g. \"params.dtype = 'bfloat16'\")") from e
+                                  "check --filter (MLflow search syntax, e.g. \"params.dtype = 'bf16'\")") from e
             yield from page
             token = page.token
             if not token:
@@ -109,15 +109,11 @@ def _check_reachable(uri: str) -> None:
         if not path.is_file():
             raise ReportError(f"no MLflow store at {uri}: file {path.resolve()} does not exist; "
                               "check --tracking-uri (relative paths start from the current directory)")
-    elif uri.startswith(("http://", "https://")):
+    else:
         try:
-            urllib.request.urlopen(uri, timeout=10).close()
-        except urllib.error.HTTPError:
-            pass  # the server answered; MLflow reports any real problem
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise ReportError(f"cannot reach MLflow server {uri}: {reason}; "
-                              "start it (mlflow server ...) or fix --tracking-uri") from e
+            check_server_reachable(uri)
+        except ConnectionError as e:
+            raise ReportError(f"{e}; or fix --tracking-uri") from e
 
 
 def _flatten(run: Run, uri: str) -> dict[str, object]:
@@ -361,7 +357,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="append", dest="sweep_ids", default=[], metavar="ID",
                         help="only this sweep (parent run id); may repeat")
     parser.add_argument("--filter", dest="filter_string", metavar="EXPR",
-                        help="extra MLflow search filter, e.g. \"params.dtype = 'bfloat16'\"")
+                        help="extra MLflow search filter, e.g. \"params.dtype = 'bf16'\"")
     parser.add_argument("--format", choices=("md", "csv", "html"), default="md", help="default %(default)s")
     parser.add_argument("--out", type=Path, metavar="DIR", help="write report.<format> and PNG plots here")
     return parser.parse_args(argv)

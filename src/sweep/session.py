@@ -96,8 +96,9 @@ def _count_jobs(config: DictConfig) -> int:
 
 
 def _sweep_name(config: DictConfig) -> str:
-    overrides = " ".join(config.hydra.overrides.task)
-    return overrides or "defaults"
+    """The overrides that choose what is measured, e.g. `dtype=bf16,fp32 kernels=rms,silu,both`."""
+    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(("tracking.", "hydra."))]
+    return " ".join(chosen) or "defaults"
 
 
 class SweepLifecycle(Callback):
@@ -118,4 +119,8 @@ class SweepLifecycle(Callback):
     @staticmethod
     def _open(config: DictConfig, total_jobs: int) -> None:
         global _current
-        _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+        try:
+            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+        except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
+            Console(stderr=True, soft_wrap=True).print(f"[red]sweep: cannot open the tracking store[/]: {error}")
+            raise SystemExit(2) from None

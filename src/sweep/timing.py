@@ -128,12 +128,6 @@ class RoundsResult:
     def rounds(self) -> int:
         return len(self.baseline_ms)
 
-    @staticmethod
-    def median(values: list[float]) -> float:
-        ordered = sorted(values)
-        middle = len(ordered) // 2
-        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
 
 ProgressHook = Callable[[RoundsResult], None]
 

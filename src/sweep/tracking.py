@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import tempfile
+import urllib.error
+import urllib.request
 import time
 from pathlib import Path
 
@@ -15,8 +17,22 @@ from .config import TrackingConfig
 from .results import JobResult, RunStatus
 
 
+def check_server_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Raises ConnectionError for an http(s) store that does not answer: MLflow would retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered; MLflow reports any real problem
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"cannot reach MLflow server {uri}: {reason}; start it (mlflow server ...)") from None
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig):
+        check_server_reachable(cfg.uri)
         _ensure_sqlite_folder(cfg.uri)
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.uri = cfg.uri
