@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from sweep.report import FINGERPRINT, latest_runs, load_runs, main, speedup_pivot
