@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO_ROOT
+from mlflow.tracking import MlflowClient
 
 CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode"}
 CONTRACT_METRICS = {

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import SHORT_PROMPT, local_kernel
 from mlflow.tracking import MlflowClient
 
-from conftest import SHORT_PROMPT, local_kernel
 from sweep.config import TrackingConfig
 from sweep.forensics import distribution_metrics, generation_agreement
 from sweep.job import run_job

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import gpu
+
 from sweep.job import run_job
 from sweep.numerics import forward_logits
 from sweep.results import RunStatus

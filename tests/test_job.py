@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import SHORT_PROMPT, local_kernel
+
+from sweep.config import KernelSourceMode, KernelSpec
 from sweep.job import run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.config import KernelSourceMode, KernelSpec
 from sweep.numerics import forward_logits
 from sweep.results import RunStatus
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT
 from sweep import report
 from sweep.config import TrackingConfig
 from sweep.results import JobResult, RunStatus

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT, SHORT_PROMPT
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.file_download import repo_folder_name
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoModelForCausalLM
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
-from conftest import REPO_ROOT, SHORT_PROMPT
 from sweep.config import PromptConfig
 from sweep.job import run_job
 from sweep.prompts import prompt_inputs

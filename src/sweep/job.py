@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import time
-from statistics import median
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DeviceChoice, KernelsSelection, SweepConfig, TimingMode, kernel_selection
+from .config import (
+    DeviceChoice,
+    KernelsSelection,
+    SweepConfig,
+    TimingMode,
+    kernel_selection,
+)
 from .errors import JobConfigError, SkipJob
 from .fingerprint import fingerprint
+from .forensics import (
+    distribution_metrics,
+    generation_metrics,
+    layer_metrics,
+    layers_csv,
+    layers_png,
+    traced_logits,
+)
 from .kernelization import KernelSwitch, check_layers_exist, resolve_kernel
 from .models import ModelCache, torch_dtype
-from .forensics import distribution_metrics, generation_metrics, layer_metrics, layers_csv, layers_png, traced_logits
 from .numerics import (
     compare_outputs,
     forward_logits,

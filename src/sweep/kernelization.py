@@ -13,8 +13,17 @@ from types import MethodType
 
 import torch
 from huggingface_hub import constants as hub_constants
-from kernels import KernelizeFallback, LayerRepository, LocalLayerRepository, Mode, kernelize, use_kernel_mapping
-from kernels._versions import select_revision_or_version  # the resolution LayerRepository itself uses
+from kernels import (
+    KernelizeFallback,
+    LayerRepository,
+    LocalLayerRepository,
+    Mode,
+    kernelize,
+    use_kernel_mapping,
+)
+from kernels._versions import (
+    select_revision_or_version,  # the resolution LayerRepository itself uses
+)
 
 from .config import KernelSourceMode, KernelSpec
 from .errors import JobConfigError, SkipJob

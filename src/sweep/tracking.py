@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 import urllib.error
 import urllib.request
-import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
