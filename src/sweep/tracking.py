@@ -71,7 +71,6 @@ class Tracker:
         self.client.set_terminated(run_id, status="FAILED" if result.status == RunStatus.failed else "FINISHED")
         return run_id
 
-
     def _log_artifacts(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             for artifact_path, content in artifacts.items():
