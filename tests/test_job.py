@@ -121,3 +121,15 @@ def test_reference_is_computed_once_per_prompt(make_config, models):
     first = models.reference(("p", 1), lambda: calls.append(1) or torch.ones(1))
     again = models.reference(("p", 1), lambda: calls.append(1) or torch.zeros(1))
     assert calls == [1] and torch.equal(first, again)
+
+
+@pytest.mark.parametrize(("length", "generated"), [(40, 8), (48, 0)])
+def test_generation_stays_within_the_models_positions(make_config, models, kernel_repos, length, generated):
+    cfg = make_config("dtype=fp32", "kernels=none", "timing=quick", f"prompt.length={length}",
+                      "numerics.gen_tokens=16", "model.architecture.max_position_embeddings=48",
+                      *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"))
+    result = run_job(cfg, models)
+    assert result.status == RunStatus.measured, result.reason
+    assert result.metrics["gen_tokens"] == generated
+    assert "clipped to" in result.tags["gen_note"] and "48 positions" in result.tags["gen_note"]
+    assert ("gen_match" in result.metrics) == (generated > 0)

@@ -134,6 +134,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.prompt.length > max_positions:
         raise JobConfigError(f"prompt.length={cfg.prompt.length} exceeds the model's {max_positions} positions")
+    gen_tokens = _generated_tokens(cfg, max_positions, result)
     check_layers_exist(model, list(plan.kernels.specs))
     kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
     for kernel in kernels:
@@ -165,14 +166,29 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
     if switch is None:
         result.metrics["ref_err_baseline"] = relative_error(forward_logits(model, inputs[0]), reference)
     else:
-        _numerics(model, switch, inputs[0], reference, cfg, result, status)
+        _numerics(model, switch, inputs[0], reference, cfg, gen_tokens, result, status)
 
     _time(model, switch, inputs, cfg, plan, result, status)
     if plan.device.type == "cuda":
         result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
 
 
-def _numerics(model, switch: KernelSwitch, input_ids, reference, cfg, result: JobResult, status: StatusHook) -> None:
+def _generated_tokens(cfg, max_positions: int | None, result: JobResult) -> int:
+    """`numerics.gen_tokens`, clipped so that prompt and generation stay within the model's positions."""
+    wanted = cfg.numerics.gen_tokens
+    if max_positions is None or cfg.prompt.length + wanted <= max_positions:
+        return wanted
+    clipped = max_positions - cfg.prompt.length
+    result.tags["gen_note"] = (
+        f"numerics.gen_tokens={wanted} clipped to {clipped}: prompt.length={cfg.prompt.length} plus the generated "
+        f"tokens may not exceed the model's {max_positions} positions"
+    )
+    return clipped
+
+
+def _numerics(
+    model, switch: KernelSwitch, input_ids, reference, cfg, gen_tokens: int, result: JobResult, status: StatusHook
+) -> None:
     if cfg.numerics.per_layer:
         baseline, kernel, records = traced_logits(model, switch, input_ids)
         result.metrics |= layer_metrics(records)
@@ -183,9 +199,10 @@ def _numerics(model, switch: KernelSwitch, input_ids, reference, cfg, result: Jo
     result.metrics |= compare_outputs(baseline, kernel, reference)
     result.metrics |= distribution_metrics(baseline, kernel)
     del baseline, kernel
-    if cfg.numerics.gen_tokens > 0:
-        status(f"generating {cfg.numerics.gen_tokens} tokens")
-        result.metrics |= generation_metrics(model, switch, input_ids, cfg.numerics.gen_tokens)
+    result.metrics["gen_tokens"] = gen_tokens
+    if gen_tokens > 0:
+        status(f"generating {gen_tokens} tokens")
+        result.metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
 
 
 def _side_forward(model: torch.nn.Module, switch: KernelSwitch | None, kernel_on: bool):

@@ -7,7 +7,8 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from types import MethodType
 
@@ -15,9 +16,9 @@ import torch
 from huggingface_hub import constants as hub_constants
 from kernels import (
     KernelizeFallback,
-    LayerRepository,
-    LocalLayerRepository,
     Mode,
+    get_kernel,
+    get_local_kernel,
     kernelize,
     use_kernel_mapping,
 )
@@ -32,9 +33,55 @@ BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 
 @dataclass(frozen=True)
+class KernelRepository:
+    """A layer in a kernel repository (local directory or Hub revision), loaded for the job's device.
+
+    `kernels`' own repository classes pick the build variant from how torch was built, so a CUDA build of torch
+    on a machine without a GPU looks for `torch-cuda` builds; this one asks `kernels` for the `backend` of the
+    device the job runs on (`cpu`, or the backend torch was built for).
+    """
+
+    layer_name: str
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    backend: str | None = None
+
+    @cache
+    def load(self) -> type[torch.nn.Module]:
+        try:
+            if self.path is not None:
+                kernel = get_local_kernel(self.path, backend=self.backend)
+            else:
+                kernel = get_kernel(self.repo_id, revision=self.revision, backend=self.backend)
+        except FileNotFoundError as error:
+            raise SkipJob(f"the kernel {self} has no build for {self.backend}: {str(error).splitlines()[0]}") from None
+        except ImportError as error:
+            raise SkipJob(_missing_dependency(self, error)) from None
+        layer = getattr(getattr(kernel, "layers", None), self.layer_name, None)
+        if layer is None:
+            raise JobConfigError(f"the kernel {self} defines no layer {self.layer_name!r} in its `layers` namespace")
+        return layer
+
+    def __str__(self) -> str:
+        where = self.path if self.path is not None else f"{self.repo_id}@{self.revision}"
+        return f"{where} (layer {self.layer_name})"
+
+
+def _missing_dependency(repository: KernelRepository, error: ImportError) -> str:
+    """A kernel whose Python dependency is absent cannot run here: name the package and how to install it."""
+    module = getattr(error, "name", None)
+    if isinstance(error, ModuleNotFoundError) and module:
+        package = module.split(".")[0].replace("_", "-")
+        return (f"the kernel {repository} needs the Python package {package!r} (module {module!r}), which is not "
+                f"installed: pip install {package}")
+    return f"the kernel {repository} cannot be imported: {error}"
+
+
+@dataclass(frozen=True)
 class ResolvedKernel:
     layer: str  # transformers' kernel layer name, e.g. RMSNorm
-    repository: LayerRepository | LocalLayerRepository
+    repository: KernelRepository
     source: str  # hub:<repo>@<revision>, bundled:<name> or local:<path>
     note: str = ""  # why `auto` did not take the Hub
 
@@ -42,7 +89,7 @@ class ResolvedKernel:
 def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> ResolvedKernel:
     if spec.path is not None:
         path = Path(spec.path).expanduser().resolve()
-        return ResolvedKernel(layer, LocalLayerRepository(path, layer_name=spec.layer_name), f"local:{path}")
+        return ResolvedKernel(layer, KernelRepository(spec.layer_name, path=path), f"local:{path}")
     note = ""
     if spec.repo_id is not None and mode != KernelSourceMode.bundled:
         try:
@@ -58,7 +105,7 @@ def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> Reso
                 ) from None
             note = f"Hub unavailable ({type(error).__name__}); using the bundled copy"
         else:
-            repository = LayerRepository(spec.repo_id, layer_name=spec.layer_name, revision=revision)
+            repository = KernelRepository(spec.layer_name, repo_id=spec.repo_id, revision=revision)
             return ResolvedKernel(layer, repository, f"hub:{spec.repo_id}@{revision}")
     if spec.bundled is None:
         raise JobConfigError(f"kernels.{layer} has no bundled copy; set kernels.source=hub or a path")
@@ -66,8 +113,7 @@ def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> Reso
     if not path.is_dir():
         available = ", ".join(sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "build").is_dir()))
         raise JobConfigError(f"no bundled kernel {spec.bundled!r}; bundled kernels: {available}")
-    repository = LocalLayerRepository(path, layer_name=spec.layer_name)
-    return ResolvedKernel(layer, repository, f"bundled:{spec.bundled}", note)
+    return ResolvedKernel(layer, KernelRepository(spec.layer_name, path=path), f"bundled:{spec.bundled}", note)
 
 
 def kernel_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -112,12 +158,13 @@ class KernelSwitch:
 
     @classmethod
     def apply(cls, model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device) -> KernelSwitch:
-        mapping = {k.layer: {device.type: k.repository} for k in kernels}
+        repositories = {k.layer: replace(k.repository, backend=device.type) for k in kernels}
+        for repository in repositories.values():
+            repository.load()  # a missing build or dependency is this job's skip reason, before kernelize
+        mapping = {layer: {device.type: repository} for layer, repository in repositories.items()}
         try:
             with use_kernel_mapping(mapping, inherit_mapping=False), _quiet("kernels.layer.layer"):
                 kernelize(model, mode=Mode.INFERENCE, device=device.type, use_fallback=KernelizeFallback.DEFAULT)
-        except FileNotFoundError as error:
-            raise SkipJob(f"no build of the kernel for {device.type}: {str(error).splitlines()[0]}") from None
         finally:
             forwards = _detach_forwards(model)
         return cls(forwards, [k.layer for k in kernels])
