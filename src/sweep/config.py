@@ -89,6 +89,13 @@ class NumericsConfig:
 
 
 @dataclass
+class WorkloadConfig:
+    """The `workload` group's common schema; each workload subclasses it beside its code (sweep/workloads)."""
+
+    name: str = MISSING
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "kernel-sweep"
@@ -102,6 +109,7 @@ class SweepConfig:
     # Layer name -> KernelSpec, plus `name` (none, rms, ...) and `source`. Entries are validated by
     # `kernel_specs`; the node stays open so that any layer name transformers registers can be mapped.
     kernels: dict[str, Any] = MISSING
+    workload: WorkloadConfig = MISSING  # prefill, decode or train
     prompt: PromptConfig = field(default_factory=PromptConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
@@ -149,5 +157,8 @@ def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
 
 
 def register_configs() -> None:
+    from .workloads import register_workload_configs  # the workloads import this module
+
     store = ConfigStore.instance()
     store.store(name="sweep_schema", node=SweepConfig)
+    register_workload_configs(store)

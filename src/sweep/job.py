@@ -21,26 +21,11 @@ from .config import (
 )
 from .errors import JobConfigError, SkipJob
 from .fingerprint import fingerprint
-from .forensics import (
-    distribution_metrics,
-    generation_metrics,
-    layer_metrics,
-    layers_csv,
-    layers_png,
-    traced_logits,
-)
 from .kernelization import KernelSwitch, check_layers_exist, resolve_kernel
 from .models import ModelCache, torch_dtype
-from .numerics import (
-    compare_outputs,
-    forward_logits,
-    kernel_and_baseline_logits,
-    reference_logits,
-    relative_error,
-)
-from .prompts import prompt_inputs
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
+from .workloads import JobState, Sides, workload
 
 StatusHook = Callable[[str], None]
 
@@ -58,6 +43,8 @@ def job_name(cfg: SweepConfig | DictConfig) -> str:
     name = f"{cfg.dtype.name} {cfg.kernels.get('name', 'custom')} T={cfg.prompt.length}"
     if cfg.prompt.batch_size != 1:
         name += f" B={cfg.prompt.batch_size}"
+    if cfg.workload.name != "prefill":
+        name += f" {cfg.workload.name}"
     model = cfg.model.id or cfg.model.name
     return name if model == "tiny-llama" else f"{model} {name}"
 
@@ -71,6 +58,7 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
         "batch_size": str(cfg.prompt.batch_size),
         "device": DeviceChoice(cfg.device).value,
         "timing_mode": TimingMode(cfg.timing.mode).value,
+        "workload": cfg.workload.name,
     }
 
 
@@ -128,30 +116,32 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
 
 
 def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook) -> None:
+    work = workload(cfg.workload)
     status("loading model")
     loaded = models.get(cfg.model, plan.dtype, plan.device)
     model = loaded.model
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and cfg.prompt.length > max_positions:
-        raise JobConfigError(f"prompt.length={cfg.prompt.length} exceeds the model's {max_positions} positions")
-    gen_tokens = _generated_tokens(cfg, max_positions, result)
+    positions = work.positions(cfg.prompt)
+    if max_positions is not None and positions > max_positions:
+        needs = "" if positions == cfg.prompt.length else f" ({positions} positions with workload={work.name})"
+        raise JobConfigError(f"prompt.length={cfg.prompt.length}{needs} exceeds the model's {max_positions} positions")
     check_layers_exist(model, list(plan.kernels.specs))
     kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
     for kernel in kernels:
         result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
         if kernel.note:
             result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
-    inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), plan.device)
+    inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
-    prompt_key = (cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size)
-    reference = models.reference(prompt_key, lambda: reference_logits(model, inputs[0], plan.reference_dtype))
+    prompt_key = (work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size)
+    reference = models.reference(prompt_key, lambda: work.reference(model, inputs, plan.reference_dtype))
     switch = None
     if kernels:
         status("kernelizing")
-        switch = KernelSwitch.apply(model, kernels, plan.device)
+        switch = KernelSwitch.apply(model, kernels, plan.device, work.kernel_mode)
         for layer, count in switch.replaced.items():
             result.metrics[f"kernelized_{layer}"] = count
         result.metrics["kernelized_total"] = sum(switch.replaced.values())
@@ -162,73 +152,32 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    status("numerics")
-    if switch is None:
-        result.metrics["ref_err_baseline"] = relative_error(forward_logits(model, inputs[0]), reference)
-    else:
-        _numerics(model, switch, inputs[0], reference, cfg, gen_tokens, result, status)
-
-    _time(model, switch, inputs, cfg, plan, result, status)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, result, status)
+    with work.running(model):
+        sides = work.sides(job)
+        status("numerics")
+        work.compare(job, sides)
+        _time(sides, inputs, cfg, plan, result, status)
+    result.metrics |= work.timing_metrics(result.metrics, cfg)
     if plan.device.type == "cuda":
-        result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
+        peak = torch.cuda.max_memory_allocated(plan.device) / 2**20
+        result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), peak)
 
 
-def _generated_tokens(cfg, max_positions: int | None, result: JobResult) -> int:
-    """`numerics.gen_tokens`, clipped so that prompt and generation stay within the model's positions."""
-    wanted = cfg.numerics.gen_tokens
-    if max_positions is None or cfg.prompt.length + wanted <= max_positions:
-        return wanted
-    clipped = max_positions - cfg.prompt.length
-    result.tags["gen_note"] = (
-        f"numerics.gen_tokens={wanted} clipped to {clipped}: prompt.length={cfg.prompt.length} plus the generated "
-        f"tokens may not exceed the model's {max_positions} positions"
-    )
-    return clipped
-
-
-def _numerics(
-    model, switch: KernelSwitch, input_ids, reference, cfg, gen_tokens: int, result: JobResult, status: StatusHook
-) -> None:
-    if cfg.numerics.per_layer:
-        baseline, kernel, records = traced_logits(model, switch, input_ids)
-        result.metrics |= layer_metrics(records)
-        result.artifacts["layers/layers.csv"] = layers_csv(records)
-        result.artifacts["layers/layers.png"] = layers_png(records, f"{result.name}: where the kernels differ")
-    else:
-        baseline, kernel = kernel_and_baseline_logits(model, switch, input_ids)
-    result.metrics |= compare_outputs(baseline, kernel, reference)
-    result.metrics |= distribution_metrics(baseline, kernel)
-    del baseline, kernel
-    result.metrics["gen_tokens"] = gen_tokens
-    if gen_tokens > 0:
-        status(f"generating {gen_tokens} tokens")
-        result.metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
-
-
-def _side_forward(model: torch.nn.Module, switch: KernelSwitch | None, kernel_on: bool):
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        if switch is None:
-            return forward_logits(model, input_ids)
-        with switch.active(kernel_on):
-            return forward_logits(model, input_ids)
-
-    return forward
-
-
-def _runners(mode: TimingMode, model, switch, inputs) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, sides: Sides, inputs) -> tuple[Runner, Runner | None]:
     make = GraphRunner if mode == TimingMode.graph else EagerRunner
-    baseline = make(_side_forward(model, switch, False), inputs)
-    kernel = make(_side_forward(model, switch, True), inputs) if switch is not None else None
+    baseline = make(sides.baseline, inputs)
+    kernel = make(sides.kernel, inputs) if sides.kernel is not None else None
     return baseline, kernel
 
 
-def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time(sides: Sides, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
     modes = list(plan.timing_modes)
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            baseline, kernel = _runners(mode, model, switch, inputs)
+            baseline, kernel = _runners(mode, sides, inputs)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph:
                 raise

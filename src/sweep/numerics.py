@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -42,20 +45,26 @@ class KeepPrecision(TorchFunctionMode):
         return value
 
 
-def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype) -> torch.Tensor:
-    """The eager forward of the same weights in `reference_dtype`, computed in place to keep one copy of the
-    weights: the model is cast up, run, and cast back (an exact round trip: every low-precision value is
-    representable in the higher precision). Returned as float64 on the host."""
+@contextmanager
+def reference_precision(model: torch.nn.Module, reference_dtype: torch.dtype) -> Iterator[None]:
+    """Inside, the same weights run eagerly in `reference_dtype`, cast in place to keep one copy of the weights:
+    the model is cast up, and cast back on exit (an exact round trip: every low-precision value is representable
+    in the higher precision)."""
     run_dtype = next(model.parameters()).dtype
     model.to(reference_dtype)
     try:
         with KeepPrecision(reference_dtype):
-            logits = forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
+            yield
     finally:
         model.to(run_dtype)
-        if input_ids.device.type == "cuda":
+        if next(model.parameters()).device.type == "cuda":
             torch.cuda.empty_cache()
-    return logits
+
+
+def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype) -> torch.Tensor:
+    """The eager forward of the same weights in `reference_dtype`, returned as float64 on the host."""
+    with reference_precision(model, reference_dtype):
+        return forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
 
 
 def relative_error(values: torch.Tensor, reference: torch.Tensor) -> float:

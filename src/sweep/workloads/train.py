@@ -1,0 +1,160 @@
+"""train: one forward and backward of the causal-LM loss on the prompt (no optimizer step), timed, with the
+kernels applied for training. Compared: the loss, the gradients against eager's and against a higher-precision
+backward, and each side's peak memory (a training kernel's claim is often memory)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from kernels import Mode
+
+from ..config import PromptConfig, WorkloadConfig
+from ..numerics import error_ratio, reference_precision
+from ..prompts import prompt_inputs
+from ..results import JobResult
+from . import JobState, Sides, switched
+
+
+@dataclass
+class TrainConfig(WorkloadConfig):
+    name: str = "train"
+
+
+@dataclass(frozen=True)
+class TrainReference:
+    """The loss and gradients of the higher-precision backward, or why there are none."""
+
+    loss: float | None
+    grads: list[torch.Tensor] | None  # per parameter, in the reference dtype, on the host
+    note: str = ""
+
+
+def training_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The causal-LM loss on `input_ids` and its gradient for every parameter; `.grad` is left untouched."""
+    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@contextmanager
+def trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Training mode and gradients for every parameter; on exit the model is as it was, with no `.grad` kept."""
+    parameters = list(model.parameters())
+    requires_grad = [p.requires_grad for p in parameters]
+    was_training = model.training
+    model.requires_grad_(True)
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for parameter, flag in zip(parameters, requires_grad):
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+
+
+class Train:
+    name: ClassVar[str] = "train"
+    kernel_mode: ClassVar[Mode] = Mode.TRAINING
+
+    def positions(self, prompt: PromptConfig) -> int:
+        return prompt.length
+
+    def inputs(self, tokenizer: object, cfg: Any, device: torch.device) -> list[torch.Tensor]:
+        return prompt_inputs(tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), device)
+
+    def reference(self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype) -> Any:
+        """The same step in `reference_dtype`. When it does not fit in the device's memory, only the metrics
+        against it are lost: the note says so."""
+        with trainable(model), reference_precision(model, reference_dtype):
+            try:
+                loss, grads = training_step(model, inputs[0])
+                return TrainReference(float(loss), [g.to("cpu") for g in grads])
+            except torch.cuda.OutOfMemoryError as error:
+                message = str(error).splitlines()[0]
+        return TrainReference(None, None, f"the {reference_dtype} reference backward does not fit: {message}; "
+                                          "grad_err_* not measured")
+
+    def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        return trainable(model)
+
+    def sides(self, job: JobState) -> Sides:
+        """The timed output is the input embeddings' gradient: the backward's last, it depends on every layer and
+        on which tokens the input holds, so the graph replay check sees a stale or wrong replay."""
+        parameters = list(job.model.parameters())
+        embeddings = job.model.get_input_embeddings().weight
+        index = next(i for i, p in enumerate(parameters) if p is embeddings)
+
+        def step(input_ids: torch.Tensor) -> torch.Tensor:
+            return training_step(job.model, input_ids)[1][index]
+
+        kernel = switched(step, job.switch, True) if job.switch is not None else None
+        return Sides(baseline=step, kernel=kernel)
+
+    def compare(self, job: JobState, sides: Sides) -> None:
+        metrics = job.result.metrics
+        base_loss, base_grads = _measured_step(job, "baseline")
+        reference: TrainReference = job.reference
+        if reference.grads is None:
+            job.result.tags["reference_note"] = reference.note
+        else:
+            metrics["grad_err_baseline"] = _gradient_error(base_grads, reference.grads, job.device)
+        if job.switch is None:
+            return
+        with job.switch.active():
+            kernel_loss, kernel_grads = _measured_step(job, "kernel")
+        metrics["loss_diff"] = abs(kernel_loss - base_loss)
+        metrics["grad_max_rel_diff"] = max(_relative_diff(k, b, job.device) for k, b in zip(kernel_grads, base_grads))
+        if reference.grads is not None:
+            metrics["grad_err_kernel"] = _gradient_error(kernel_grads, reference.grads, job.device)
+            metrics["grad_err_ratio"] = error_ratio(metrics["grad_err_kernel"], metrics["grad_err_baseline"])
+
+    def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
+        return {}
+
+
+def _measured_step(job: JobState, side: str) -> tuple[float, list[torch.Tensor]]:
+    """One step, its peak memory on CUDA (`peak_mem_mb_<side>`), its gradients moved to the host so that the
+    other side starts from the same memory."""
+    with _peak_memory(job.device, job.result, side):
+        loss, grads = training_step(job.model, job.inputs[0])
+    return float(loss), [g.to("cpu") for g in grads]
+
+
+@contextmanager
+def _peak_memory(device: torch.device, result: JobResult, side: str) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    # The job's peak so far stays in `peak_mem_mb` (the job takes the max at its end).
+    so_far = torch.cuda.max_memory_allocated(device) / 2**20
+    result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), so_far)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield
+    torch.cuda.synchronize(device)
+    result.metrics[f"peak_mem_mb_{side}"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _relative_diff(values: torch.Tensor, base: torch.Tensor, device: torch.device) -> float:
+    """‖values − base‖ / ‖base‖ in float64; 0 when both are zero, inf when only `base` is."""
+    base = base.to(device, torch.float64)
+    diff = float(torch.linalg.vector_norm(values.to(device, torch.float64) - base))
+    norm = float(torch.linalg.vector_norm(base))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def _gradient_error(grads: list[torch.Tensor], reference: list[torch.Tensor], device: torch.device) -> float:
+    """Relative L2 error of all gradients together: ‖g − ref‖ / ‖ref‖ over every parameter."""
+    squared_error = squared_norm = 0.0
+    for grad, ref in zip(grads, reference):
+        ref = ref.to(device, torch.float64)
+        squared_error += float(torch.linalg.vector_norm(grad.to(device, torch.float64) - ref) ** 2)
+        squared_norm += float(torch.linalg.vector_norm(ref) ** 2)
+    return math.sqrt(squared_error) / math.sqrt(squared_norm)
