@@ -37,6 +37,8 @@ def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "exact_silu": write_kernel_repo(root, "exact_silu", "ExactSilu", EXACT_SILU, argument="input"),
         "rounded_silu": write_kernel_repo(root, "rounded_silu", "RoundedSilu", ROUNDED_SILU, argument="input"),
         "cuda_only": write_kernel_repo(root, "cuda_only", "ExactRMSNorm", EXACT_RMSNORM, variant="torch-cuda"),
+        "forward_only_rms": write_kernel_repo(root, "forward_only_rms", "ForwardOnlyRMSNorm", EXACT_RMSNORM,
+                                              has_backward=False),
     }
 
 
