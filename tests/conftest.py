@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,15 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
 def models() -> ModelCache:
     """Shared across tests like across the jobs of a sweep: the tiny model is built once per dtype."""
     return ModelCache()
+
+
+def load_bundled_silu() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bundled Triton SiLU's `silu` function, imported from its build directory."""
+    path = REPO_ROOT / "src/sweep/bundled/triton_silu/build/torch-cuda/__init__.py"
+    spec = importlib.util.spec_from_file_location("bundled_triton_silu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.silu
 
 
 def local_kernel(layer: str, path: Path, layer_name: str) -> list[str]:

@@ -4,6 +4,11 @@ write; a smaller Llama than tiny-llama keeps backward passes fast."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +124,24 @@ def test_kernels_for_training_run_their_backward(make_config, models, kernel_rep
 def test_job_names_say_the_workload(make_config):
     assert job_name(make_config("workload=decode", "prompt.length=2048")) == "bf16 rms T=2048 decode"
     assert job_name(make_config()) == "bf16 rms T=118"
+
+
+def test_bundled_silu_backward_matches_torch_in_tritons_interpreter():
+    """The bundled SiLU is a CUDA kernel; Triton's interpreter runs it on the CPU (tests/test_gpu.py: on CUDA)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from conftest import load_bundled_silu
+        silu = load_bundled_silu()
+        for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+            x = (torch.randn(3, 1500, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).requires_grad_()
+            upstream = torch.randn(3, 1500, generator=torch.Generator().manual_seed(1)).to(dtype)
+            (kernel_grad,) = torch.autograd.grad(silu(x), x, upstream)
+            (torch_grad,) = torch.autograd.grad(torch.nn.functional.silu(x), x, upstream)
+            torch.testing.assert_close(kernel_grad, torch_grad, rtol=tolerance, atol=tolerance)
+            assert not torch.equal(kernel_grad, upstream)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

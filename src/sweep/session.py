@@ -14,7 +14,7 @@ from rich.console import Console
 from .config import TrackingConfig
 from .models import ModelCache
 from .results import JobResult, RunStatus
-from .summary import accuracy_table, summary_table
+from .summary import sweep_tables
 from .tracking import Tracker
 
 
@@ -55,9 +55,8 @@ class SweepSession:
         counts = {s.value: sum(r.status == s for r in self.results) for s in RunStatus}
         self.tracker.end_sweep(self.sweep_id, {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall},
                                failed=self.failed > 0)
-        self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
-        if any("err_ratio" in r.metrics for r in self.results):
-            self.console.print(accuracy_table(self.results))
+        for table in sweep_tables(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"):
+            self.console.print(table)
         self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
