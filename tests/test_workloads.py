@@ -4,6 +4,8 @@ write; a smaller Llama than tiny-llama keeps backward passes fast."""
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import os
 import subprocess
 import sys
@@ -145,3 +147,19 @@ def test_bundled_silu_backward_matches_torch_in_tritons_interpreter():
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
                           env=os.environ | {"TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_train_per_layer_table_has_gradients(make_config, models, kernel_repos):
+    result = job(make_config, models, "workload=train", "dtype=fp32",
+                 *local_kernel("SiLU", kernel_repos["rounded_silu"], "RoundedSilu"),
+                 *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"))
+    assert result.status == RunStatus.measured, result.reason
+    rows = list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+    assert len(rows) == 13
+    ratios = {row["layer"]: [] for row in rows}
+    for row in rows:
+        ratios[row["layer"]].append(float(row["grad_err_ratio"]))
+        assert float(row["eager_grad_err"]) > 0
+    assert all(r == 1.0 for r in ratios["RMSNorm"])  # exact: the same backward as eager
+    assert all(r > 1.0 for r in ratios["SiLU"])  # rounded through bfloat16: a less accurate gradient
+    assert result.metrics["layer_grad_err_ratio_max"] == max(ratios["SiLU"])

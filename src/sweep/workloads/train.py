@@ -14,6 +14,7 @@ import torch
 from kernels import Mode
 
 from ..config import PromptConfig, WorkloadConfig
+from ..forensics import layer_gradients, layer_metrics, layers_png, layers_with_gradients_csv, traced_logits
 from ..numerics import error_ratio, reference_precision
 from ..prompts import prompt_inputs
 from ..results import JobResult
@@ -107,6 +108,9 @@ class Train:
             return
         with job.switch.active():
             kernel_loss, kernel_grads = _measured_step(job, "kernel")
+        if job.cfg.numerics.per_layer:
+            job.status("per-layer gradients")
+            _layer_table(job)
         metrics["loss_diff"] = abs(kernel_loss - base_loss)
         metrics["grad_max_rel_diff"] = max(_relative_diff(k, b, job.device) for k, b in zip(kernel_grads, base_grads))
         if reference.grads is not None:
@@ -115,6 +119,17 @@ class Train:
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
         return {}
+
+
+def _layer_table(job: JobState) -> None:
+    """Prefill's per-layer table of the prompt's forward, with each module's input gradient beside it."""
+    assert job.switch is not None
+    _, _, records = traced_logits(job.model, job.switch, job.inputs[0])
+    gradients = layer_gradients(job.model, job.switch, job.inputs[0], job.cfg.seed)
+    job.result.metrics |= layer_metrics(records)
+    job.result.metrics["layer_grad_err_ratio_max"] = max((g.grad_err_ratio for g in gradients), default=1.0)
+    job.result.artifacts["layers/layers.csv"] = layers_with_gradients_csv(records, gradients)
+    job.result.artifacts["layers/layers.png"] = layers_png(records, f"{job.result.name}: where the kernels differ")
 
 
 def _measured_step(job: JobState, side: str) -> tuple[float, list[torch.Tensor]]:
