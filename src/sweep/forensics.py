@@ -9,6 +9,7 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -208,12 +209,12 @@ def layer_gradients(
         module_input = calls.inputs[module].clone()  # outside inference mode: a tensor autograd can use
         upstream = torch.randn(calls.outputs[module].shape, generator=generator, device=input_ids.device,
                                dtype=calls.outputs[module].dtype)
-        eager = _input_gradient(lambda x, m=module: type(m).forward(m, x), module_input, upstream)
+        eager = _input_gradient(partial(type(module).forward, module), module_input, upstream)
         with switch.active():
             kernel = _input_gradient(module, module_input, upstream)
         reference_module = copy.deepcopy(module).to(torch.float64)
         with KeepPrecision(torch.float64):
-            reference = _input_gradient(lambda x: type(module).forward(reference_module, x),
+            reference = _input_gradient(partial(type(module).forward, reference_module),
                                         module_input.to(torch.float64), upstream.to(torch.float64))
         eager_err, kernel_err = _errors(eager, reference)[1], _errors(kernel, reference)[1]
         records.append(LayerGradientRecord(index, eager_err, kernel_err, error_ratio(kernel_err, eager_err)))

@@ -59,11 +59,11 @@ class Prefill:
         return Sides(baseline=forward, kernel=kernel)
 
     def compare(self, job: JobState, sides: Sides) -> None:
+        max_positions = getattr(job.model.config, "max_position_embeddings", None)
+        gen_tokens = _generated_tokens(job.cfg, max_positions, job.result)
         if job.switch is None:
             job.result.metrics["ref_err_baseline"] = relative_error(sides.baseline(job.inputs[0]), job.reference)
             return
-        max_positions = getattr(job.model.config, "max_position_embeddings", None)
-        gen_tokens = _generated_tokens(job.cfg, max_positions, job.result)
         _numerics(job.model, job.switch, job.inputs[0], job.reference, job.cfg, gen_tokens, job.result, job.status)
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
