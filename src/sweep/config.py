@@ -71,11 +71,11 @@ class PromptConfig:
 @dataclass
 class TimingConfig:
     mode: TimingMode = TimingMode.auto
-    target_ci: float = 0.005  # stop once the 95% interval of the speedup is within +-0.5%
-    budget_s: float = 20.0  # per job, for the timed rounds
-    min_rounds: int = 10
-    max_rounds: int = 2000
-    check_every: int = 5
+    target_ci: float = 0.0015  # stop once the 95% interval of the speedup is within +-0.15%
+    budget_s: float = 1.0  # per job: seconds of timed work (both sides), re-captures and checks not counted
+    min_rounds: int = 30
+    max_rounds: int = 1000
+    block_rounds: int = 5  # rounds per capture; the interval is computed over blocks
     warmup: int = 3
     min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
     input_sets: int = 3  # rotated among so that caches do not flatter either side

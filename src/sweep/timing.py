@@ -1,5 +1,6 @@
-"""Timing: baseline and kernel interleaved in rounds (A B / B A at random), rotated over input sets, until the
-paired speedup's interval is narrow enough or the budget is spent. CUDA-graph replay or eager forwards."""
+"""Timing: baseline and kernel interleaved in rounds (A B / B A at random), rotated over input sets, in blocks that
+each start from a fresh capture, until the speedup's interval is narrow enough or the budget is spent. CUDA-graph
+replay or eager forwards."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .config import TimingConfig
 from .numerics import relative_error
-from .statistics import SpeedupEstimate, paired_speedup
+from .statistics import SpeedupEstimate, blocked_speedup
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits, with its side's kernels switched
 
@@ -26,12 +27,18 @@ class Runner(Protocol):
     def run(self) -> None:
         """The timed work: one forward."""
 
+    def renew(self) -> None:
+        """Untimed: start again from what a new job would get (a new CUDA graph on fresh buffers)."""
+
 
 class EagerRunner:
     def __init__(self, forward: Forward, inputs: list[torch.Tensor]):
         self._forward = forward
         self._inputs = inputs
         self._current = inputs[0]
+
+    def renew(self) -> None:
+        """An eager forward allocates afresh every time: nothing to renew."""
 
     def prepare(self, input_index: int) -> None:
         self._current = self._inputs[input_index]
@@ -56,8 +63,17 @@ class GraphRunner:
     a replay reads the buffers it captured, and a freed input makes it read garbage."""
 
     def __init__(self, forward: Forward, inputs: list[torch.Tensor]):
+        self._forward = forward
         self._inputs = inputs
-        self.static_input = inputs[0].clone()
+        self.replay_error = 0.0
+        self.renew()
+
+    def renew(self) -> None:
+        """Captures the forward again, on a new static input: where a capture's buffers and memory pool land is
+        part of what a rerun changes, so every block of rounds times a capture of its own."""
+        forward = self._forward
+        self.graph = self.static_output = None  # the previous capture's memory pool goes before the next one
+        self.static_input = self._inputs[0].clone()
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):  # warm-up outside capture: compilation, cuBLAS handles, autotuning
@@ -67,7 +83,7 @@ class GraphRunner:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_output = forward(self.static_input)
-        self.replay_error = self._check_against(forward)
+        self.replay_error = max(self.replay_error, self._check_against(forward))
 
     def _check_against(self, forward: Forward) -> float:
         """Replays every input set; returns the largest relative error against the eager forward."""
@@ -120,9 +136,10 @@ class Clock:
 class RoundsResult:
     baseline_ms: list[float] = field(default_factory=list)
     kernel_ms: list[float] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # the block (capture) each round was timed in
     estimate: SpeedupEstimate | None = None
     reps: int = 1
-    seconds: float = 0.0
+    seconds: float = 0.0  # timed work only: the sum of every measurement, both sides
 
     @property
     def rounds(self) -> int:
@@ -142,7 +159,9 @@ def timed_rounds(
     progress: ProgressHook | None = None,
     clock: Clock | None = None,
 ) -> RoundsResult:
-    """Alternate baseline and kernel (random order each round) until `cfg.target_ci` or `cfg.budget_s`.
+    """Blocks of `cfg.block_rounds` paired rounds, each block on renewed runners, until `cfg.target_ci` is met
+    (checked after each block, from `cfg.min_rounds` on), `cfg.budget_s` of timed work is spent, or
+    `cfg.max_rounds` is reached.
 
     Without a kernel runner the baseline alone is timed for `cfg.min_rounds` rounds.
     """
@@ -157,35 +176,48 @@ def timed_rounds(
     single_ms = clock.measure(baseline, 1)
     result = RoundsResult(reps=max(1, min(100, math.ceil(cfg.min_measure_ms / max(single_ms, 1e-6)))))
     order_rng = random.Random(seed)
-    start = time.perf_counter()
     max_rounds = cfg.min_rounds if kernel is None else cfg.max_rounds
+    block = 0
     while result.rounds < max_rounds:
-        index = result.rounds % n_inputs
-        order = list(range(len(sides)))
-        order_rng.shuffle(order)
-        times = [0.0] * len(sides)
-        for side in order:
-            sides[side].prepare(index)
-            times[side] = clock.measure(sides[side], result.reps)
-        result.baseline_ms.append(times[0])
-        if kernel is not None:
-            result.kernel_ms.append(times[1])
-        result.seconds = time.perf_counter() - start
-        if kernel is not None and _should_stop(result, cfg, seed):
-            break
+        if block > 0:
+            _renew(sides, cfg.warmup)
+        for _ in range(min(cfg.block_rounds, max_rounds - result.rounds)):
+            index = result.rounds % n_inputs
+            order = list(range(len(sides)))
+            order_rng.shuffle(order)
+            times = [0.0] * len(sides)
+            for side in order:
+                sides[side].prepare(index)
+                times[side] = clock.measure(sides[side], result.reps)
+            result.baseline_ms.append(times[0])
+            if kernel is not None:
+                result.kernel_ms.append(times[1])
+            result.blocks.append(block)
+            result.seconds += sum(times) * result.reps / 1e3
+        block += 1
         if progress is not None:
             progress(result)
-        if kernel is None and result.seconds > cfg.budget_s and result.rounds >= 2:
+        if kernel is not None and _should_stop(result, cfg):
+            break
+        if kernel is None and result.seconds > cfg.budget_s:
             break
     if kernel is not None and result.estimate is None:
-        result.estimate = paired_speedup(result.baseline_ms, result.kernel_ms, cfg.confidence, seed)
+        result.estimate = blocked_speedup(result.baseline_ms, result.kernel_ms, result.blocks, cfg.confidence)
     return result
 
 
-def _should_stop(result: RoundsResult, cfg: TimingConfig, seed: int) -> bool:
-    out_of_budget = result.seconds > cfg.budget_s and result.rounds >= 2
-    checkpoint = result.rounds >= cfg.min_rounds and result.rounds % cfg.check_every == 0
-    if not (checkpoint or out_of_budget or result.rounds >= cfg.max_rounds):
+def _renew(sides: list[Runner], warmup: int) -> None:
+    for runner in sides:
+        runner.renew()
+        runner.prepare(0)
+        for _ in range(warmup):
+            runner.run()
+
+
+def _should_stop(result: RoundsResult, cfg: TimingConfig) -> bool:
+    enough_blocks = len(set(result.blocks)) >= 2
+    out_of_budget = result.seconds > cfg.budget_s and enough_blocks
+    if not (out_of_budget or (result.rounds >= cfg.min_rounds and enough_blocks) or result.rounds >= cfg.max_rounds):
         return False
-    result.estimate = paired_speedup(result.baseline_ms, result.kernel_ms, cfg.confidence, seed)
+    result.estimate = blocked_speedup(result.baseline_ms, result.kernel_ms, result.blocks, cfg.confidence)
     return out_of_budget or result.estimate.relative_half_width <= cfg.target_ci
