@@ -73,7 +73,7 @@ class TimingConfig:
     mode: TimingMode = TimingMode.auto
     target_ci: float = 0.0015  # stop once the 95% interval of the speedup is within +-0.15%
     budget_s: float = 1.0  # per job: seconds of timed work (both sides), re-captures and checks not counted
-    min_rounds: int = 30
+    min_rounds: int = 50  # with 5 rounds a block: 10 blocks before the interval may stop the rounds
     max_rounds: int = 1000
     block_rounds: int = 5  # rounds per capture; the interval is computed over blocks
     warmup: int = 3

@@ -56,6 +56,7 @@ class GraphCheckError(RuntimeError):
 # a wrong or freed input is as far from its own eager output as from another input's (order 1).
 REPLAY_TOLERANCE = 1e-2
 REPLAY_SEPARATION = 0.1
+PLACEMENT_STEP = 2**21  # the caching allocator's large-segment granularity (2 MiB)
 
 
 class GraphRunner:
@@ -65,14 +66,18 @@ class GraphRunner:
     def __init__(self, forward: Forward, inputs: list[torch.Tensor]):
         self._forward = forward
         self._inputs = inputs
+        self._placement = random.Random()
         self.replay_error = 0.0
         self.renew()
 
     def renew(self) -> None:
-        """Captures the forward again, on a new static input: where a capture's buffers and memory pool land is
-        part of what a rerun changes, so every block of rounds times a capture of its own."""
+        """Captures the forward again on fresh buffers: where a capture's buffers and memory pool land is part of
+        what a rerun changes, so every block of rounds times a capture of its own, somewhere else in memory."""
         forward = self._forward
         self.graph = self.static_output = None  # the previous capture's memory pool goes before the next one
+        # Without an offset the allocator would hand every capture the addresses the previous one freed.
+        self._offset = torch.empty(self._placement.randrange(64) * PLACEMENT_STEP, dtype=torch.uint8, device="cuda")
+        self._inputs = [ids.clone() for ids in self._inputs]
         self.static_input = self._inputs[0].clone()
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
@@ -180,7 +185,7 @@ def timed_rounds(
     block = 0
     while result.rounds < max_rounds:
         if block > 0:
-            _renew(sides, cfg.warmup)
+            _renew(order_rng.sample(sides, len(sides)), cfg.warmup)
         for _ in range(min(cfg.block_rounds, max_rounds - result.rounds)):
             index = result.rounds % n_inputs
             order = list(range(len(sides)))
