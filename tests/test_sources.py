@@ -67,6 +67,25 @@ def test_auto_source_falls_back_to_the_bundled_copy_and_records_it(make_config, 
     assert result.status == RunStatus.skipped  # the bundled kernels are CUDA-only
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("kernels.RMSNorm.version=99", "has no version=99"),
+    ("kernels.RMSNorm.revision=nosuchbranch", "revision 'nosuchbranch' is not in the local cache"),
+])
+def test_auto_source_fails_on_a_version_the_cached_repository_does_not_have(
+        make_config, models, tmp_path, monkeypatch, kernel_repos, override, message):
+    """The repository is known (cached), so a wrong version is the user's error, never a silent fallback."""
+    repo = tmp_path / "hub" / repo_folder_name(repo_id="kernels-community/liger-kernels", repo_type="kernel")
+    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v3").write_text(COMMIT)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("KERNELS_CACHE", str(tmp_path / "hub"))
+    overrides = [override] + (["kernels.RMSNorm.version=null"] if "revision" in override else [])
+    result = run_job(make_config("dtype=fp32", "kernels=rms", *overrides, *SHORT_PROMPT), models)
+    assert result.status == RunStatus.failed, result.reason
+    assert message in result.reason and "kernel_note_RMSNorm" not in result.tags
+
+
 def test_model_from_a_saved_directory(make_config, models, tmp_path, kernel_repos):
     config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
