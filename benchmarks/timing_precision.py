@@ -36,8 +36,12 @@ from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs
 from sweep.timing import GraphRunner, timed_rounds
 
+Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
 
-def eager_ms(forward: Callable[[], object]) -> float:
+
+def eager_ms(side: Side) -> float:
+    select, forward = side
+    select()
     torch.cuda.synchronize()
     start = time.perf_counter()
     forward()
@@ -48,11 +52,11 @@ def eager_ms(forward: Callable[[], object]) -> float:
 Estimate = tuple[float, float | None, float | None]  # speedup, interval low, interval high
 
 
-def single_forward(base: Callable[[], object], kern: Callable[[], object]) -> Estimate:
+def single_forward(base: Side, kern: Side) -> Estimate:
     return eager_ms(base) / eager_ms(kern), None, None
 
 
-def hundred_forwards(base: Callable[[], object], kern: Callable[[], object]) -> Estimate:
+def hundred_forwards(base: Side, kern: Side) -> Estimate:
     base_log = np.log([eager_ms(base) for _ in range(100)])
     kern_log = np.log([eager_ms(kern) for _ in range(100)])
     interval = stats.ttest_ind(base_log, kern_log, equal_var=False).confidence_interval(0.95)
@@ -121,24 +125,15 @@ def main() -> None:
         cfg.prompt.length = length
         inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, cfg.timing.input_sets, device)
 
-        def base() -> object:
-            return forward_logits(model, inputs[0])
-
-        def kern() -> object:
-            with switch.active():
-                return forward_logits(model, inputs[0])
-
+        base: Side = (lambda: switch.select(False), lambda: forward_logits(model, inputs[0]))
+        kern: Side = (lambda: switch.select(True), lambda: forward_logits(model, inputs[0]))
         for _ in range(3):  # warm-up: Triton compilation, cuBLAS heuristics
-            base(), kern()
+            eager_ms(base), eager_ms(kern)
 
         def harness() -> Estimate:
-            baseline = GraphRunner(lambda ids: forward_logits(model, ids), inputs)
-
-            def kernel_forward(ids: torch.Tensor) -> torch.Tensor:
-                with switch.active():
-                    return forward_logits(model, ids)
-
-            kernel = GraphRunner(kernel_forward, inputs)
+            forward = lambda ids: forward_logits(model, ids)  # noqa: E731
+            baseline = GraphRunner(forward, inputs, lambda: switch.select(False))
+            kernel = GraphRunner(forward, inputs, lambda: switch.select(True))
             rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device)
             assert rounds.estimate is not None
             timed.append(rounds.seconds)

@@ -10,7 +10,7 @@ import torch
 
 from sweep.config import TimingConfig
 from sweep.statistics import blocked_speedup
-from sweep.timing import timed_rounds
+from sweep.timing import replay_accepted, timed_rounds
 
 
 def _blocks(n_blocks: int, rounds: int) -> list[int]:
@@ -88,9 +88,10 @@ def _rounds(noise: float, **timing):
     return result, baseline
 
 
-def test_quiet_timings_stop_at_the_first_checkpoint():
-    result, baseline = _rounds(noise=0.001, min_rounds=10, block_rounds=5, target_ci=0.005)
-    assert result.rounds == 10
+def test_quiet_timings_stop_on_the_target_at_the_first_checkpoint():
+    result, baseline = _rounds(noise=0.001, min_rounds=10, block_rounds=5, target_ci=0.005, budget_s=60.0)
+    assert result.stopped_by == "target" and result.rounds == 10
+    assert result.seconds < 60.0
     assert result.estimate.relative_half_width <= 0.005
     assert result.estimate.low <= 2.0 <= result.estimate.high
     assert set(baseline.prepared) == {0, 1, 2}  # input sets rotate
@@ -107,8 +108,31 @@ def test_noisy_timings_keep_going_until_the_target_or_the_cap():
     assert baseline.renewals == len(set(result.blocks)) - 1
 
 
-def test_budget_of_timed_work_stops_the_rounds():
+def test_noisy_timings_stop_on_the_budget_before_the_target():
+    # 20% noise per measurement: a +-0.1% interval would take ~10^5 rounds; the budget ends it first.
+    result, _ = _rounds(noise=0.2, min_rounds=10, block_rounds=5, target_ci=0.001, budget_s=0.5, max_rounds=10**6)
+    assert result.stopped_by == "budget"
+    assert 0.5 < result.seconds < 5.0 and 10 < result.rounds < 10**6
+    assert result.estimate.relative_half_width > 0.001
+    assert result.estimate.low <= 2.0 <= result.estimate.high
+
+
+def test_budget_counts_timed_work_and_stops_at_the_end_of_a_block():
     result, _ = _rounds(noise=0.2, min_rounds=10, block_rounds=3, target_ci=1e-9, budget_s=0.01, max_rounds=10_000)
     # 3 ms per round (2 + 1): over 10 ms of timed work after the 4th round, stopped at the end of its block
-    assert result.rounds == 6
+    assert result.rounds == 6 and result.stopped_by == "budget"
     assert result.seconds == pytest.approx(sum(result.baseline_ms) / 1e3 + sum(result.kernel_ms) / 1e3)
+
+
+@pytest.mark.parametrize(("own", "others", "accepted"), [
+    (0.0, [0.5], True),
+    (0.033, [0.33], True),  # the 8B shape in bf16: rounding under capture, ten times closer to its own input
+    (0.0328, [0.33], True),  # the same job in another sweep: the old rule rejected it, this one does not flip
+    (0.30, [0.33], False),  # about as far from its own input as from another: a stale or wrong input
+    (0.5, [], False),  # one input set: only the absolute tolerance
+    (0.005, [], True),
+    (math.nan, [0.33], False),
+    (math.inf, [0.33], False),
+])
+def test_replay_check_decides_by_nearest_input_with_a_margin(own, others, accepted):
+    assert replay_accepted(own, others) is accepted

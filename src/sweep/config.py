@@ -89,6 +89,15 @@ class NumericsConfig:
 
 
 @dataclass
+class ForwardConfig:
+    """The forward that is timed and compared: by default the call users make, `model(input_ids=...)`."""
+
+    # None: the model's own default (a KV cache is created, as `model(**inputs)` and `generate` do);
+    # false/true pass use_cache explicitly. Attention may take another path without the cache.
+    use_cache: bool | None = None
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "kernel-sweep"
@@ -105,6 +114,7 @@ class SweepConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: DeviceChoice = DeviceChoice.auto
     seed: int = 0

@@ -23,18 +23,26 @@ from .errors import JobConfigError, SkipJob
 from .fingerprint import fingerprint
 from .forensics import (
     distribution_metrics,
+    first_nonfinite_module,
     generation_metrics,
     layer_metrics,
     layers_csv,
     layers_png,
     traced_logits,
 )
-from .kernelization import KernelSwitch, check_layers_exist, resolve_kernel
-from .models import ModelCache, torch_dtype
+from .kernelization import (
+    KernelSwitch,
+    check_kernel_directory,
+    check_layers_exist,
+    resolve_kernel,
+)
+from .models import ModelCache, ReferenceKey, torch_dtype
 from .numerics import (
     compare_outputs,
     forward_logits,
+    forward_path,
     kernel_and_baseline_logits,
+    nonfinite_count,
     reference_logits,
     relative_error,
 )
@@ -43,6 +51,14 @@ from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
 
 StatusHook = Callable[[str], None]
+
+
+class KernelOutputError(RuntimeError):
+    """The kernelized forward produced NaN or Inf where the baseline did not: the kernel is broken."""
+
+
+# What a run that was not measured may still log: bookkeeping, never a timing or numerics result.
+UNMEASURED_METRIC_PREFIXES = ("job_wall_s", "kernelized_", "phase_s_")
 
 
 @dataclass(frozen=True)
@@ -54,8 +70,16 @@ class JobPlan:
     timing_modes: tuple[TimingMode, ...]  # the first gives latency_ms_*
 
 
+def kernels_name(cfg: SweepConfig | DictConfig) -> str:
+    """The kernel subset's name; a subset called `none` that has layers (`kernels=none +kernels.X=...`) is
+    `custom`: which kernels ran is in the `kernel_<Layer>` params."""
+    name = str(cfg.kernels.get("name", "custom"))
+    has_layers = any(key not in ("name", "source") and value is not None for key, value in cfg.kernels.items())
+    return "custom" if name == "none" and has_layers else name
+
+
 def job_name(cfg: SweepConfig | DictConfig) -> str:
-    name = f"{cfg.dtype.name} {cfg.kernels.get('name', 'custom')} T={cfg.prompt.length}"
+    name = f"{cfg.dtype.name} {kernels_name(cfg)} T={cfg.prompt.length}"
     if cfg.prompt.batch_size != 1:
         name += f" B={cfg.prompt.batch_size}"
     model = cfg.model.id or cfg.model.name
@@ -66,7 +90,7 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
     return {
         "model": cfg.model.id or cfg.model.name,
         "dtype": cfg.dtype.name,
-        "kernels": str(cfg.kernels.get("name", "custom")),
+        "kernels": kernels_name(cfg),
         "prompt_len": str(cfg.prompt.length),
         "batch_size": str(cfg.prompt.batch_size),
         "device": DeviceChoice(cfg.device).value,
@@ -96,8 +120,8 @@ def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
     if TimingMode.graph in modes and device.type != "cuda":
         raise JobConfigError(f"timing.mode={mode.value} needs CUDA graphs; use timing.mode=eager on {device.type}")
     for layer, spec in kernels.specs.items():
-        if spec.path is not None and not Path(spec.path).expanduser().is_dir():
-            raise JobConfigError(f"kernels.{layer}.path={spec.path} is not a directory")
+        if spec.path is not None:
+            check_kernel_directory(layer, Path(spec.path).expanduser())
     return JobPlan(device, dtype, torch_dtype(cfg.dtype.reference), kernels, modes)
 
 
@@ -123,6 +147,8 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
     except Exception as error:  # any failure of one combination is that run's result, not the sweep's end
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
         result.artifacts["traceback.txt"] = traceback.format_exc()
+    if result.status != RunStatus.measured:
+        result.metrics = {k: v for k, v in result.metrics.items() if k.startswith(UNMEASURED_METRIC_PREFIXES)}
     result.metrics["job_wall_s"] = time.perf_counter() - started
     return result
 
@@ -138,16 +164,24 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
     check_layers_exist(model, list(plan.kernels.specs))
     kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
     for kernel in kernels:
+        result.params[f"kernel_{kernel.layer}"] = kernel.identity
         result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
         if kernel.note:
             result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
+    use_cache = cfg.forward.use_cache
+    result.tags["attn_implementation"] = str(model.config._attn_implementation)
+    result.tags["forward_path"] = forward_path(use_cache)
     inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
-    prompt_key = (cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size)
-    reference = models.reference(prompt_key, lambda: reference_logits(model, inputs[0], plan.reference_dtype))
+    key = ReferenceKey(cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size, str(plan.reference_dtype),
+                       forward_path(use_cache))
+    reference = models.reference(key, lambda: reference_logits(model, inputs[0], plan.reference_dtype, use_cache))
+    if bad := nonfinite_count(reference):
+        raise SkipJob(f"the model overflows even in {plan.reference_dtype} at this length: the reference has "
+                      f"{bad} non-finite values")
     switch = None
     if kernels:
         status("kernelizing")
@@ -164,10 +198,18 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
 
     status("numerics")
     if switch is None:
-        result.metrics["ref_err_baseline"] = relative_error(forward_logits(model, inputs[0]), reference)
+        baseline = forward_logits(model, inputs[0], use_cache)
+        _check_baseline_finite(model, baseline, inputs[0], cfg, plan)
+        result.metrics["ref_err_baseline"] = relative_error(baseline, reference)
     else:
-        _numerics(model, switch, inputs[0], reference, cfg, gen_tokens, result, status)
+        result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status)
 
+    status("checking every input set's outputs")
+    for ids in inputs[1:]:
+        _check_baseline_finite(model, forward_logits(model, ids, use_cache), ids, cfg, plan)
+        if switch is not None:
+            with switch.active():
+                _check_kernel_finite(model, switch, forward_logits(model, ids, use_cache), ids, use_cache)
     _time(model, switch, inputs, cfg, plan, result, status)
     if plan.device.type == "cuda":
         result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
@@ -186,49 +228,78 @@ def _generated_tokens(cfg, max_positions: int | None, result: JobResult) -> int:
     return clipped
 
 
+def _check_baseline_finite(model, logits: torch.Tensor, input_ids, cfg, plan: JobPlan) -> None:
+    """NaN or Inf without kernels: the model itself overflows at this dtype and length; nothing to compare."""
+    if bad := nonfinite_count(logits):
+        where = first_nonfinite_module(model, lambda: forward_logits(model, input_ids, cfg.forward.use_cache))
+        raise SkipJob(f"the model itself overflows in {plan.dtype} at T={cfg.prompt.length}: baseline output has "
+                      f"{bad} non-finite values, first at {where}")
+
+
+def _check_kernel_finite(model, switch: KernelSwitch, logits: torch.Tensor, input_ids, use_cache) -> None:
+    """NaN or Inf with kernels where the baseline was finite: the kernel is broken (the run fails)."""
+    if bad := nonfinite_count(logits):
+        with switch.active():
+            where = first_nonfinite_module(model, lambda: forward_logits(model, input_ids, use_cache))
+        raise KernelOutputError(f"kernel output has {bad} non-finite values, first at {where}")
+
+
 def _numerics(
-    model, switch: KernelSwitch, input_ids, reference, cfg, gen_tokens: int, result: JobResult, status: StatusHook
-) -> None:
+    model, switch: KernelSwitch, input_ids, reference, cfg, plan: JobPlan, gen_tokens: int, result: JobResult,
+    status: StatusHook,
+) -> dict[str, float]:
+    """The numerics metrics, returned only once all of them are computed."""
+    metrics: dict[str, float] = {}
+    use_cache = cfg.forward.use_cache
     if cfg.numerics.per_layer:
-        baseline, kernel, records = traced_logits(model, switch, input_ids)
-        result.metrics |= layer_metrics(records)
+        baseline, kernel, records = traced_logits(model, switch, input_ids, use_cache)
+    else:
+        baseline, kernel = kernel_and_baseline_logits(model, switch, input_ids, use_cache)
+    _check_baseline_finite(model, baseline, input_ids, cfg, plan)
+    _check_kernel_finite(model, switch, kernel, input_ids, use_cache)
+    if cfg.numerics.per_layer:
+        metrics |= layer_metrics(records)
         result.artifacts["layers/layers.csv"] = layers_csv(records)
         result.artifacts["layers/layers.png"] = layers_png(records, f"{result.name}: where the kernels differ")
-    else:
-        baseline, kernel = kernel_and_baseline_logits(model, switch, input_ids)
-    result.metrics |= compare_outputs(baseline, kernel, reference)
-    result.metrics |= distribution_metrics(baseline, kernel)
+    metrics |= compare_outputs(baseline, kernel, reference)
+    metrics |= distribution_metrics(baseline, kernel)
     del baseline, kernel
-    result.metrics["gen_tokens"] = gen_tokens
+    metrics["gen_tokens"] = gen_tokens
     if gen_tokens > 0:
         status(f"generating {gen_tokens} tokens")
-        result.metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
+        metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
+    return metrics
 
 
-def _side_forward(model: torch.nn.Module, switch: KernelSwitch | None, kernel_on: bool):
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        if switch is None:
-            return forward_logits(model, input_ids)
-        with switch.active(kernel_on):
-            return forward_logits(model, input_ids)
-
-    return forward
-
-
-def _runners(mode: TimingMode, model, switch, inputs) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, model, switch, inputs, use_cache) -> tuple[Runner, Runner | None]:
+    """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
+    before capture (graph): switching forwards is never inside a timed forward."""
     make = GraphRunner if mode == TimingMode.graph else EagerRunner
-    baseline = make(_side_forward(model, switch, False), inputs)
-    kernel = make(_side_forward(model, switch, True), inputs) if switch is not None else None
-    return baseline, kernel
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        return forward_logits(model, input_ids, use_cache)
+
+    if switch is None:
+        return make(forward, inputs), None
+    return make(forward, inputs, lambda: switch.select(False)), make(forward, inputs, lambda: switch.select(True))
 
 
 def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+    try:
+        _time_modes(model, switch, inputs, cfg, plan, result, status)
+    finally:
+        if switch is not None:
+            switch.select(False)
+
+
+def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
+    replay_errors: list[float] = []
     modes = list(plan.timing_modes)
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            baseline, kernel = _runners(mode, model, switch, inputs)
+            baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph:
                 raise
@@ -241,12 +312,14 @@ def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: 
             status(f"timing ({mode.value}) round {rounds.rounds}")
 
         if isinstance(baseline, GraphRunner):
-            result.metrics["graph_replay_rel_err"] = max(r.replay_error for r in (baseline, kernel) if r is not None)
+            replay_errors = [r.replay_error for r in (baseline, kernel) if isinstance(r, GraphRunner)]
         measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
         del baseline, kernel
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
     _timing_metrics(measured, result)
+    if replay_errors:
+        result.metrics["graph_replay_rel_err"] = max(replay_errors)
 
 
 def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult) -> None:
@@ -257,6 +330,7 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     metrics["timing_rounds"] = primary.rounds
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
+    result.tags["timing_stopped_by"] = primary.stopped_by
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():
