@@ -1,12 +1,18 @@
-"""How precise is each way of timing a kernel's speedup? (CUDA only.)
+"""How precise is each way of timing a kernel's speedup, and do its intervals hold from one run to the next?
+(CUDA only.)
 
 On the tiny model with the bundled Liger RMSNorm, in one process, repeats three methods `--repeats` times and
-prints the spread (max - min) of the speedup each gives, and the seconds of timing each spent:
-  1. one eager forward per side, unpaired (how the original report was made);
-  2. 100 eager forwards per side, unpaired mean with a CI (how `kernels benchmark` does it);
-  3. this harness: paired rounds of CUDA-graph replays, adaptive (sweep.timing).
+prints, per method: the spread (max - min) of the first 5 speedups, the coverage (how many of the repeats'
+intervals contain the median of all repeats) and the seconds of timing each spent:
+  1. one eager forward per side, unpaired (how the original report was made; no interval);
+  2. 100 eager forwards per side, unpaired, with a Welch t interval on the log times (how `kernels benchmark`
+     does it);
+  3. this harness: paired rounds of CUDA-graph replays in blocks of fresh captures, adaptive (sweep.timing).
 
-    python benchmarks/timing_precision.py --lengths 118 8192
+    python benchmarks/timing_precision.py --lengths 118 8192 --repeats 20
+
+With `--store URI` it reads a sweep's job runs instead and prints the same columns for them, per prompt length,
+e.g. after `python -m sweep -m seed='range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from sweep.__main__ import CONFIG_DIR
 from sweep.config import kernel_selection, register_configs
@@ -27,8 +36,12 @@ from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs
 from sweep.timing import GraphRunner, timed_rounds
 
+Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
 
-def eager_ms(forward: Callable[[], object]) -> float:
+
+def eager_ms(side: Side) -> float:
+    select, forward = side
+    select()
     torch.cuda.synchronize()
     start = time.perf_counter()
     forward()
@@ -36,22 +49,66 @@ def eager_ms(forward: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def single_forward(base: Callable[[], object], kern: Callable[[], object]) -> float:
-    return eager_ms(base) / eager_ms(kern)
+Estimate = tuple[float, float | None, float | None]  # speedup, interval low, interval high
 
 
-def hundred_forwards(base: Callable[[], object], kern: Callable[[], object]) -> float:
-    base_ms = [eager_ms(base) for _ in range(100)]
-    kern_ms = [eager_ms(kern) for _ in range(100)]
-    return statistics.mean(base_ms) / statistics.mean(kern_ms)
+def single_forward(base: Side, kern: Side) -> Estimate:
+    return eager_ms(base) / eager_ms(kern), None, None
+
+
+def hundred_forwards(base: Side, kern: Side) -> Estimate:
+    base_log = np.log([eager_ms(base) for _ in range(100)])
+    kern_log = np.log([eager_ms(kern) for _ in range(100)])
+    interval = stats.ttest_ind(base_log, kern_log, equal_var=False).confidence_interval(0.95)
+    return float(np.exp(base_log.mean() - kern_log.mean())), float(np.exp(interval.low)), float(np.exp(interval.high))
+
+
+def summary_row(estimates: list[Estimate], timing_s: list[float]) -> tuple[float, float, str, float]:
+    """Mean speedup, spread of the first 5 (% of the mean), intervals containing the median, mean seconds."""
+    speedups = [e[0] for e in estimates]
+    first = speedups[:5]
+    spread = (max(first) - min(first)) / statistics.mean(first) * 100
+    median = statistics.median(speedups)
+    intervals = [(low, high) for _, low, high in estimates if low is not None and high is not None]
+    covered = f"{sum(low <= median <= high for low, high in intervals)}/{len(intervals)}" if intervals else "-"
+    return statistics.mean(speedups), spread, covered, statistics.mean(timing_s)
+
+
+def print_table(rows: list[tuple], repeats: int) -> None:
+    print(f"\n| T | method | mean speedup | spread of first 5 | intervals containing the median of {repeats} "
+          "| mean timing seconds |")
+    print("|---|---|---|---|---|---|")
+    for length, method, (mean, spread, covered, seconds) in rows:
+        print(f"| {length} | {method} | {mean:.4f}x | {spread:.2f}% | {covered} | {seconds:.2f} |")
+
+
+def from_store(uri: str) -> None:
+    """The same columns for a sweep's measured job runs, one row per prompt length."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("kernel-sweep")
+    runs = client.search_runs([experiment.experiment_id],
+                              "tags.sweep_role = 'job' and tags.run_status = 'measured' and params.kernels != 'none'",
+                              max_results=5000, order_by=["attributes.start_time ASC"])
+    by_length: dict[str, list] = {}
+    for run in runs:
+        by_length.setdefault(run.data.params["prompt_len"], []).append(run.data.metrics)
+    rows = []
+    for length, metrics in sorted(by_length.items(), key=lambda item: int(item[0])):
+        estimates = [(m["speedup"], m["speedup_ci_low"], m["speedup_ci_high"]) for m in metrics]
+        rows.append((length, f"sweep jobs ({len(metrics)})", summary_row(estimates, [m["timing_s"] for m in metrics])))
+    print_table(rows, max(len(m) for m in by_length.values()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[118, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--store", help="summarise a sweep's job runs in this MLflow store instead")
     args = parser.parse_args()
+    if args.store:
+        from_store(args.store)
+        return
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=[f"dtype={args.dtype}", "kernels=rms", "kernels.source=bundled"])
@@ -68,46 +125,33 @@ def main() -> None:
         cfg.prompt.length = length
         inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, cfg.timing.input_sets, device)
 
-        def base() -> object:
-            return forward_logits(model, inputs[0])
-
-        def kern() -> object:
-            with switch.active():
-                return forward_logits(model, inputs[0])
-
+        base: Side = (lambda: switch.select(False), lambda: forward_logits(model, inputs[0]))
+        kern: Side = (lambda: switch.select(True), lambda: forward_logits(model, inputs[0]))
         for _ in range(3):  # warm-up: Triton compilation, cuBLAS heuristics
-            base(), kern()
+            eager_ms(base), eager_ms(kern)
 
-        def harness() -> float:
-            baseline = GraphRunner(lambda ids: forward_logits(model, ids), inputs)
-
-            def kernel_forward(ids: torch.Tensor) -> torch.Tensor:
-                with switch.active():
-                    return forward_logits(model, ids)
-
-            kernel = GraphRunner(kernel_forward, inputs)
+        def harness() -> Estimate:
+            forward = lambda ids: forward_logits(model, ids)  # noqa: E731
+            baseline = GraphRunner(forward, inputs, lambda: switch.select(False))
+            kernel = GraphRunner(forward, inputs, lambda: switch.select(True))
             rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device)
             assert rounds.estimate is not None
-            return rounds.estimate.speedup
+            timed.append(rounds.seconds)
+            return rounds.estimate.speedup, rounds.estimate.low, rounds.estimate.high
 
-        methods: dict[str, Callable[[], float]] = {
+        methods: dict[str, Callable[[], Estimate]] = {
             "1 eager forward/side, unpaired": lambda: single_forward(base, kern),
             "100 eager forwards/side, unpaired": lambda: hundred_forwards(base, kern),
-            "sweep: paired graph rounds, adaptive": harness,
+            "sweep: paired graph rounds in blocks of captures": harness,
         }
         for method, measure in methods.items():
-            speedups, seconds = [], []
+            estimates, seconds, timed = [], [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                speedups.append(measure())
+                estimates.append(measure())
                 seconds.append(time.perf_counter() - start)
-            spread = (max(speedups) - min(speedups)) / statistics.mean(speedups) * 100
-            rows.append((length, method, statistics.mean(speedups), spread, sum(seconds)))
-
-    print(f"\n| T | method | mean speedup | spread of {args.repeats} (max-min, % of mean) | seconds spent |")
-    print("|---|---|---|---|---|")
-    for length, method, mean, spread, seconds in rows:
-        print(f"| {length} | {method} | {mean:.3f}x | {spread:.2f}% | {seconds:.1f} |")
+            rows.append((length, method, summary_row(estimates, timed or seconds)))
+    print_table(rows, args.repeats)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernel_repos import (  # noqa: E402
     EXACT_RMSNORM,
     EXACT_SILU,
+    INF_RMSNORM,
     LOW_PRECISION_RMSNORM,
+    NAN_RMSNORM,
     ROUNDED_SILU,
     write_kernel_repo,
 )
@@ -37,6 +39,8 @@ def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "low_rms": write_kernel_repo(root, "low_rms", "LowRMSNorm", LOW_PRECISION_RMSNORM),
         "exact_silu": write_kernel_repo(root, "exact_silu", "ExactSilu", EXACT_SILU, argument="input"),
         "rounded_silu": write_kernel_repo(root, "rounded_silu", "RoundedSilu", ROUNDED_SILU, argument="input"),
+        "nan_rms": write_kernel_repo(root, "nan_rms", "NanRMSNorm", NAN_RMSNORM),
+        "inf_rms": write_kernel_repo(root, "inf_rms", "InfRMSNorm", INF_RMSNORM),
         "cuda_only": write_kernel_repo(root, "cuda_only", "ExactRMSNorm", EXACT_RMSNORM, variant="torch-cuda"),
         "forward_only_rms": write_kernel_repo(root, "forward_only_rms", "ForwardOnlyRMSNorm", EXACT_RMSNORM,
                                               has_backward=False),

@@ -20,6 +20,15 @@ LOW_PRECISION_RMSNORM = """
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 """
 
+# Broken kernels: every output is NaN, or +inf.
+NAN_RMSNORM = """
+    return self.weight * hidden_states * float("nan")
+"""
+
+INF_RMSNORM = """
+    return self.weight * hidden_states.abs() * float("inf") + 1.0
+"""
+
 EXACT_SILU = """
     return torch.nn.functional.silu(input)
 """

@@ -103,7 +103,12 @@ def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(t
     done = run_sweep(tmp_path, "--config-dir", str(cpu_kernel_configs), "-m", "dtype=fp32",
                      "kernels=rms_cpu", "timing=quick", "prompt.length=9000,40")
     assert done.returncode == 1
-    _, _, children = child_runs(tmp_path)
+    _, parents, children = child_runs(tmp_path)
+    [parent] = parents
+    assert parent.info.status == "FAILED"
+    assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_measured"] == 1
+    assert all(r.info.status == ("FAILED" if r.data.tags["run_status"] == "failed" else "FINISHED")
+               for r in children)
     statuses = {r.data.params["prompt_len"]: r.data.tags["run_status"] for r in children}
     assert statuses == {"9000": "failed", "40": "measured"}
     failed = next(r for r in children if r.data.params["prompt_len"] == "9000")
@@ -113,10 +118,11 @@ def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(t
 @pytest.mark.parametrize(
     ("override", "message"),
     [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.target_ci=narrow", "target_ci"),
-     ("kernels.RMSNorm.pathh=/x", "pathh")],
+     ("kernels.RMSNorm.pathh=/x", "pathh"), ("kernels.source=bundle", "kernels.source='bundle'"),
+     ("-m kernels.source=auto,bundle", "kernels.source='bundle'")],
 )
 def test_config_typos_fail_at_start_up(tmp_path, override, message):
-    done = run_sweep(tmp_path, override)
+    done = run_sweep(tmp_path, *override.split())
     assert done.returncode != 0
     assert message in done.stderr
     assert not (tmp_path / "mlflow.db").exists()

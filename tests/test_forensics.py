@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from sweep.config import TrackingConfig
 from sweep.forensics import distribution_metrics, generation_agreement
 from sweep.job import run_job
-from sweep.numerics import ulp_distance
-from sweep.results import RunStatus
+from sweep.numerics import compare_outputs, ulp_distance
+from sweep.results import JobResult, RunStatus
+from sweep.summary import format_number as summary_number
 from sweep.tracking import Tracker
 
 
@@ -67,10 +69,27 @@ def test_layer_table_and_plot_land_in_mlflow(make_config, models, kernel_repos, 
     assert {a.path for a in client.list_artifacts(run_id, "layers")} == {"layers/layers.csv", "layers/layers.png"}
     png = client.download_artifacts(run_id, "layers/layers.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    metrics = client.get_run(run_id).data.metrics
-    for name in ("layer_err_ratio_max", "first_divergent_layer", "gen_match", "gen_first_divergence", "kl_div",
-                 "top5_overlap", "max_abs_diff_ulp"):
-        assert name in metrics
+    stored = client.get_run(run_id).data.metrics
+    names = ("layer_err_ratio_max", "first_divergent_layer", "gen_match", "gen_first_divergence", "kl_div",
+             "top5_overlap", "max_abs_diff_ulp", "max_abs_diff", "err_ratio")
+    assert {name: stored[name] for name in names} == {name: result.metrics[name] for name in names}
+    rows = list(csv.DictReader(io.StringIO(open(client.download_artifacts(run_id, "layers/layers.csv",
+                                                                          str(tmp_path))).read())))
+    assert stored["layer_err_ratio_max"] == max(float(r["err_ratio"]) for r in rows) > 1.0
+    assert stored["first_divergent_layer"] == 0 and float(rows[0]["propagated_max_diff"]) > 0
+    assert 0.0 <= stored["gen_match"] <= 1.0 and 0.0 <= stored["top5_overlap"] <= 1.0 and stored["kl_div"] > 0
+
+
+def test_infinite_ratio_is_stored_as_mlflows_inf_and_named_in_a_tag(tmp_path):
+    result = JobResult(name="inf", params={}, metrics={"err_ratio": math.inf, "kl_div": math.nan, "speedup": 1.5})
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")))
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db").get_run(
+        tracker.log_job(tracker.start_sweep("t", {}), result))
+    assert run.data.metrics["err_ratio"] == sys.float_info.max  # MLflow's stand-in for +inf
+    assert run.data.tags["infinite_metrics"] == "err_ratio" and run.data.tags["nan_metrics"] == "kl_div"
+    assert "kl_div" not in run.data.metrics
+    assert summary_number(run.data.metrics["err_ratio"], ".3f") == "∞"
+    assert summary_number(math.inf, ".3f") == "∞" and summary_number(1.25, ".3f") == "1.250"
 
 
 def test_generation_agreement_on_known_sequences():
@@ -95,6 +114,16 @@ def test_distribution_metrics_on_a_known_pair():
 ])
 def test_ulp_distance(diff, magnitude, dtype, ulps):
     assert float(ulp_distance(torch.tensor(diff), torch.tensor(magnitude), dtype)) == ulps
+
+
+def test_max_ulp_is_the_worst_element_at_its_own_magnitude_not_at_the_largest_difference():
+    # Largest |diff| (0.125) at a logit of 20: one bf16 step. The logit of 0.5 differs by 0.0078125: two steps.
+    baseline = torch.tensor([20.0, 0.5, -3.0], dtype=torch.bfloat16)
+    kernel = torch.tensor([20.125, 0.5078125, -3.0], dtype=torch.bfloat16)
+    reference = baseline.double()
+    metrics = compare_outputs(baseline, kernel, reference)
+    assert metrics["max_abs_diff"] == 0.125
+    assert metrics["max_abs_diff_ulp"] == 2.0
 
 
 def test_float64_reference_does_not_fall_back_to_float32_inside_rmsnorm():

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import csv
+import io
 
 import pytest
 import torch
 from conftest import SHORT_PROMPT, local_kernel
 
-from sweep.config import KernelSourceMode, KernelSpec
-from sweep.job import run_job
+from sweep.config import KernelSourceMode, KernelSpec, TimingMode
+from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
+from sweep.models import ModelCache
 from sweep.numerics import forward_logits
-from sweep.results import RunStatus
+from sweep.results import JobResult, RunStatus
+from sweep.workloads import JobState, workload
 
 
 def test_exact_rmsnorm_replaces_all_nine_and_changes_nothing(make_config, models, kernel_repos):
@@ -49,6 +53,14 @@ def test_rounded_silu_in_fp32_is_attributed_to_four_silus(make_config, models, k
     assert result.metrics["kernelized_SiLU"] == 4
     assert result.metrics["max_abs_diff"] > 0
     assert result.metrics["err_ratio"] > 1.0
+    rows = list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+    assert [r["name"] for r in rows] == [f"model.layers.{i}.mlp.act_fn" for i in range(4)]
+    # Each SiLU on its own (same input, kernel vs eager against float64) is less accurate than eager, and the
+    # difference starts at the first one.
+    assert all(float(r["err_ratio"]) > 1.0 and float(r["kernel_mean_err"]) > float(r["eager_mean_err"])
+               for r in rows)
+    assert all(float(r["propagated_max_diff"]) > 0 for r in rows)
+    assert result.metrics["first_divergent_layer"] == 0
 
 
 def test_kernels_none_logs_the_baseline_only(make_config, models):
@@ -71,19 +83,25 @@ def test_cuda_only_kernel_is_skipped_on_cpu(make_config, models, kernel_repos):
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (["+kernels.Foo={path: /tmp, layer_name: X}"], "Foo"),
+        (["+kernels.Foo={path: {exact_rms}, layer_name: X}"], "Foo"),
         (["+kernels.RMSNorm={path: /does/not/exist, layer_name: X}"], "is not a directory"),
+        (["+kernels.RMSNorm={path: {no_build}, layer_name: X}"], "has no build/ directory"),
         (["prompt.length=9000"], "exceeds the model's 8192 positions"),
         (["+kernels.RMSNorm={layer_name: X}"], "needs one of path, repo_id or bundled"),
         (["timing.mode=graph"], "needs CUDA graphs"),
     ],
 )
-def test_bad_combinations_fail_with_the_reason(make_config, models, overrides, reason):
+def test_bad_combinations_fail_with_the_reason(make_config, models, kernel_repos, tmp_path, overrides, reason):
     if "timing.mode=graph" in overrides and torch.cuda.is_available():
         pytest.skip("graphs work here")
+    (tmp_path / "no_build").mkdir()  # an existing directory that is no kernel repository
+    overrides = [o.replace("{exact_rms}", str(kernel_repos["exact_rms"])).replace("{no_build}",
+                                                                                   str(tmp_path / "no_build"))
+                 for o in overrides]
     result = run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, *overrides), models)
     assert result.status == RunStatus.failed
     assert reason in result.reason
+    assert set(result.metrics) <= {"job_wall_s"}  # nothing of a phase that did not complete
     if "Foo" in overrides[0]:
         assert "RMSNorm (9)" in result.reason and "SiLU (4)" in result.reason
 
@@ -114,13 +132,155 @@ def test_switching_restores_the_baseline_bit_for_bit(make_config, models, kernel
     assert all("forward" not in module.__dict__ for module in switch.modules)
 
 
-def test_reference_is_computed_once_per_prompt(make_config, models):
+def test_reference_cache_is_keyed_on_the_reference_dtype_and_the_forward(make_config):
+    models = ModelCache()
+    results = {}
+    for overrides in (["dtype.reference=float64"], ["dtype.reference=float32"], ["dtype.reference=float64"],
+                      ["dtype.reference=float64", "forward.use_cache=false"]):
+        result = run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, *overrides), models)
+        assert result.status == RunStatus.measured, result.reason
+        results[" ".join(overrides)] = result.metrics["ref_err_baseline"]
+    # A float32 "reference" of a float32 forward is that forward: no error. A float64 one is not.
+    assert results["dtype.reference=float32"] == 0.0
+    assert results["dtype.reference=float64"] > 0.0
+    keys = models.reference_keys
+    assert sorted((k.reference_dtype, k.forward_path) for k in keys) == [
+        ("torch.float32", "default"), ("torch.float64", "default"), ("torch.float64", "use_cache=False")]
+    assert {(k.prompt_length, k.batch_size) for k in keys} == {(40, 1)}
+
+
+@pytest.mark.parametrize(("repo", "layer"), [("nan_rms", "NanRMSNorm"), ("inf_rms", "InfRMSNorm")])
+def test_non_finite_kernel_output_fails_the_job_with_where(make_config, models, kernel_repos, repo, layer):
+    result = run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT,
+                                 *local_kernel("RMSNorm", kernel_repos[repo], layer)), models)
+    assert result.status == RunStatus.failed
+    assert "kernel output has 10240 non-finite values, first at model.layers.0.input_layernorm" in result.reason
+    assert "speedup" not in result.metrics and "max_abs_diff" not in result.metrics
+    assert set(result.metrics) == {"kernelized_RMSNorm", "kernelized_total", "job_wall_s"}
+
+
+def test_a_model_that_overflows_at_its_dtype_is_skipped_with_the_reason(make_config, models, kernel_repos):
+    # Weights 50x too large: fp16 overflows inside the first layer, the float32 reference does not.
+    overflow = ["dtype=fp16", "+model.architecture.initializer_range=1.0", "model.architecture.num_hidden_layers=1"]
+    for kernels in (["kernels=none"], ["kernels=none", *local_kernel("RMSNorm", kernel_repos["exact_rms"],
+                                                                      "ExactRMSNorm")]):
+        result = run_job(make_config(*overflow, *kernels, *SHORT_PROMPT), models)
+        assert result.status == RunStatus.skipped, result.reason
+        assert "the model itself overflows in torch.float16 at T=40: baseline output has" in result.reason
+        assert "non-finite values, first at model.layers.0" in result.reason
+        assert "speedup" not in result.metrics and "ref_err_baseline" not in result.metrics
+
+
+def test_fp16_job_with_an_exact_kernel(make_config, models, kernel_repos):
+    result = run_job(make_config("dtype=fp16", "kernels=none", *SHORT_PROMPT,
+                                 *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm")), models)
+    assert result.status == RunStatus.measured, result.reason
+    assert result.params["dtype"] == "fp16" and result.params["kernels"] == "custom"
+    assert result.metrics["max_abs_diff"] == 0.0 and result.metrics["err_ratio"] == 1.0
+    assert 0 < result.metrics["ref_err_baseline"] < 1e-2  # fp16 against the float32 reference
+
+
+def test_batch_of_two_through_the_whole_job(make_config, models, kernel_repos):
+    result = run_job(make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT, "prompt.batch_size=2",
+                                 *local_kernel("RMSNorm", kernel_repos["low_rms"], "LowRMSNorm")), models)
+    assert result.status == RunStatus.measured, result.reason
+    assert result.name == "bf16 custom T=40 B=2" and result.params["batch_size"] == "2"
+    for metric in ("speedup", "max_abs_diff", "err_ratio", "kl_div", "gen_match", "layer_err_ratio_max"):
+        assert metric in result.metrics, metric
+    assert result.metrics["err_ratio"] > 1.0
+
+
+def test_kernel_identity_tells_kernels_apart(make_config, models, kernel_repos):
+    identities = set()
+    for repo, layer in (("exact_rms", "ExactRMSNorm"), ("low_rms", "LowRMSNorm")):
+        result = run_job(make_config("dtype=fp32", "kernels=rms", *SHORT_PROMPT,
+                                     f"kernels.RMSNorm.path={kernel_repos[repo]}", f"kernels.RMSNorm.layer_name={layer}",
+                                     "numerics.per_layer=false", "numerics.gen_tokens=0"), models)
+        assert result.status == RunStatus.measured, result.reason
+        assert result.params["kernels"] == "rms"
+        identity = result.params["kernel_RMSNorm"]
+        assert identity.startswith(f"local:{kernel_repos[repo].resolve()}@") and len(identity.split("@")[-1]) == 12
+        identities.add(identity)
+    assert len(identities) == 2
+
+
+def test_timed_and_compared_forward_is_the_default_call(make_config, models):
+    """What users run: `model(input_ids=...)`, the model's own use_cache; use_cache=false only when asked."""
     cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT)
-    calls = []
-    models.get(cfg.model, torch.float32, torch.device("cpu"))
-    first = models.reference(("p", 1), lambda: calls.append(1) or torch.ones(1))
-    again = models.reference(("p", 1), lambda: calls.append(1) or torch.zeros(1))
-    assert calls == [1] and torch.equal(first, again)
+    model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
+    calls: list[dict] = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(dict(kwargs)),
+                                             with_kwargs=True)
+    try:
+        default = run_job(cfg, models)
+        default_calls, calls[:] = list(calls), []
+        no_cache = run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, "forward.use_cache=false"),
+                           models)
+    finally:
+        handle.remove()
+    assert default.status == no_cache.status == RunStatus.measured
+    assert default_calls and all(set(kwargs) == {"input_ids"} for kwargs in default_calls)
+    assert calls and all(kwargs.get("use_cache") is False for kwargs in calls)
+    assert default.tags["forward_path"] == "default" and no_cache.tags["forward_path"] == "use_cache=False"
+    assert default.tags["attn_implementation"] == "sdpa"
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.inference_mode():
+        users_call = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(forward_logits(model, ids), users_call)
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode", "train"])
+def test_switching_kernels_is_outside_the_timed_forward(make_config, models, kernel_repos, name):
+    cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, f"workload={name}")
+    cpu = torch.device("cpu")
+    loaded = models.get(cfg.model, torch.float32, cpu)
+    model, work = loaded.model, workload(cfg.workload)
+    inputs = work.inputs(loaded.tokenizer, cfg, cpu)
+    kernel = resolve_kernel("RMSNorm", KernelSpec(layer_name="ExactRMSNorm", path=str(kernel_repos["exact_rms"])),
+                            KernelSourceMode.auto)
+    switch = KernelSwitch.apply(model, [kernel], cpu, work.kernel_mode)
+    switched: list[bool] = []
+    select = switch.select
+    switch.select = lambda enabled: switched.append(enabled) or select(enabled)  # counts, still switches
+    ran_kernel: list[bool] = []  # per call of a kernelized module: was its kernel forward switched in?
+    hooks = [m.register_forward_pre_hook(lambda module, args: ran_kernel.append("forward" in module.__dict__))
+             for m in switch.modules]
+    try:
+        with work.running(model):
+            job = JobState(model, switch, inputs, None, cfg, cpu, torch.float32, JobResult(name, {}), print)
+            sides = work.sides(job)
+            switched.clear()
+            baseline, kernel_runner = _runners(TimingMode.eager, sides, switch, inputs)
+            kernel_runner.prepare(0)
+            assert switched == [True] and all("forward" in m.__dict__ for m in switch.modules)
+            ran_kernel.clear()
+            for _ in range(3):
+                kernel_runner.run()
+            assert switched == [True]  # the timed work switches nothing
+            assert ran_kernel and all(ran_kernel)
+            baseline.prepare(1)
+            assert switched == [True, False] and not any("forward" in m.__dict__ for m in switch.modules)
+            ran_kernel.clear()
+            baseline.run()
+            assert switched == [True, False] and ran_kernel and not any(ran_kernel)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        switch.select = select
+        select(False)
+
+
+def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, kernel_repos):
+    small = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
+             "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
+             "model.architecture.num_key_value_heads=4", "prompt.length=8", "numerics.gen_tokens=0",
+             "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.min_rounds=20",
+             "timing.max_rounds=60", "timing.target_ci=0.002", "timing.budget_s=15"]
+    result = run_job(make_config("dtype=fp32", "kernels=none", *small,
+                                 *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm")), ModelCache())
+    assert result.status == RunStatus.measured, result.reason
+    assert result.metrics["kernelized_RMSNorm"] == 5
+    assert result.metrics["speedup_ci_low"] <= 1.0 <= result.metrics["speedup_ci_high"], result.metrics
 
 
 @pytest.mark.parametrize(("length", "generated"), [(40, 8), (48, 0)])

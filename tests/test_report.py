@@ -297,3 +297,32 @@ def test_one_part_per_workload_and_old_runs_read_as_prefill(tmp_path: Path,
     assert train["grad_err_ratio"] == "1.25" and train["peak MB baseline"] == "900" and "max diff" not in train
     assert md_tables(out.split("## decode")[1].split("## train")[0])[section(H100, 128)][0]["tokens/s kernel"] \
         == "2500"
+
+
+def test_report_is_honest_about_status_kernels_and_timing_mode(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path}/s.db"
+    writer = StoreWriter(uri, tmp_path)
+    sweep = writer.parent()
+
+    def child(kernel: str, prompt_len: int, mode: str, **kwargs) -> None:
+        run_id = writer.child(sweep, H100, "rms", prompt_len, **kwargs)
+        writer.client.log_param(run_id, "kernel_RMSNorm", kernel)
+        writer.client.set_tag(run_id, "timing_mode_used", mode)
+
+    child("local:/k/exact@aaaaaaaaaaaa", 128, "graph", speedup=1.25)
+    child("local:/k/exact@aaaaaaaaaaaa", 128, "graph", status="skipped", reason="no CUDA")  # later, not measured
+    child("local:/k/nan@bbbbbbbbbbbb", 128, "graph", status="failed", reason="kernel output has 5 non-finite values")
+    child("local:/k/exact@aaaaaaaaaaaa", 512, "eager", speedup=0.86, extra={"err_ratio": float("inf")})
+
+    code, out, _ = run_main(capsys, "--tracking-uri", uri)
+    assert code == 0
+    pivot = {(row["prompt_len"], row["kernels"]): row[H100] for row in md_tables(out)["Speedup by GPU"]}
+    exact, nan = "rms [RMSNorm=local:/k/exact@aaaaaaaaaaaa]", "rms [RMSNorm=local:/k/nan@bbbbbbbbbbbb]"
+    assert pivot == {("128", exact): "1.25x", ("128", nan): "", ("512", exact): "0.86x (eager)"}
+    rows = {row["kernels"]: row for row in md_tables(out)[section(H100, 128)]}
+    assert rows[exact]["status"] == "measured" and rows[exact]["other runs"] == "1"  # the later skip is counted
+    assert rows[nan]["status"].startswith("failed: kernel output has 5 non-finite values")
+    [eager] = md_tables(out)[section(H100, 512)]
+    assert eager["speedup [CI]"].endswith("(eager)") and eager["timing used"] == "eager"
+    assert eager["err_ratio"] == "∞"

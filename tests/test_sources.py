@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -58,13 +59,46 @@ def test_hub_source_without_the_hub_fails_and_says_what_to_do(make_config, model
     assert "kernels-community/liger-kernels" in result.reason and "kernels.source=bundled" in result.reason
 
 
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """Online, but the Hub endpoint refuses connections (a port nobody listens on)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("KERNELS_CACHE", str(tmp_path / "empty-cache"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip of the bundled copy")
-def test_auto_source_falls_back_to_the_bundled_copy_and_records_it(make_config, models, offline_empty_cache):
+@pytest.mark.parametrize(("hub", "why"), [("offline_empty_cache", "offline"), ("unreachable_hub", "ConnectError")])
+def test_auto_source_falls_back_to_the_bundled_copy_and_records_it(make_config, models, request, hub, why):
+    request.getfixturevalue(hub)
     result = run_job(make_config("dtype=fp32", "kernels=both", *SHORT_PROMPT), models)
     assert result.tags["kernel_source_RMSNorm"] == "bundled:liger_rmsnorm"
     assert result.tags["kernel_source_SiLU"] == "bundled:triton_silu"
-    assert "Hub unavailable" in result.tags["kernel_note_RMSNorm"]
+    assert result.params["kernel_RMSNorm"].startswith("bundled:liger_rmsnorm@")
+    assert "Hub unavailable" in result.tags["kernel_note_RMSNorm"] and why in result.tags["kernel_note_RMSNorm"]
     assert result.status == RunStatus.skipped  # the bundled kernels are CUDA-only
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("kernels.RMSNorm.version=99", "has no version=99"),
+    ("kernels.RMSNorm.revision=nosuchbranch", "revision 'nosuchbranch' is not in the local cache"),
+])
+def test_auto_source_fails_on_a_version_the_cached_repository_does_not_have(
+        make_config, models, tmp_path, monkeypatch, kernel_repos, override, message):
+    """The repository is known (cached), so a wrong version is the user's error, never a silent fallback."""
+    repo = tmp_path / "hub" / repo_folder_name(repo_id="kernels-community/liger-kernels", repo_type="kernel")
+    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v3").write_text(COMMIT)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("KERNELS_CACHE", str(tmp_path / "hub"))
+    overrides = [override] + (["kernels.RMSNorm.version=null"] if "revision" in override else [])
+    result = run_job(make_config("dtype=fp32", "kernels=rms", *overrides, *SHORT_PROMPT), models)
+    assert result.status == RunStatus.failed, result.reason
+    assert message in result.reason and "kernel_note_RMSNorm" not in result.tags
 
 
 def test_model_from_a_saved_directory(make_config, models, tmp_path, kernel_repos):

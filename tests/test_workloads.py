@@ -163,3 +163,26 @@ def test_train_per_layer_table_has_gradients(make_config, models, kernel_repos):
     assert all(r == 1.0 for r in ratios["RMSNorm"])  # exact: the same backward as eager
     assert all(r > 1.0 for r in ratios["SiLU"])  # rounded through bfloat16: a less accurate gradient
     assert result.metrics["layer_grad_err_ratio_max"] == max(ratios["SiLU"])
+
+
+@pytest.mark.parametrize("workload", ["decode", "train"])
+def test_non_finite_kernel_output_fails_with_where_and_logs_no_numerics(make_config, models, kernel_repos, workload):
+    result = job(make_config, models, f"workload={workload}", "dtype=fp32",
+                 *local_kernel("RMSNorm", kernel_repos["nan_rms"], "NanRMSNorm"))
+    assert result.status == RunStatus.failed
+    assert "kernel output has" in result.reason and "non-finite values, first at model.layers.0.input_layernorm" \
+        in result.reason
+    assert set(result.metrics) == {"kernelized_RMSNorm", "kernelized_total", "job_wall_s"}
+
+
+@pytest.mark.parametrize("workload", ["decode", "train"])
+def test_a_model_that_overflows_at_its_dtype_is_skipped_in_every_workload(make_config, models, workload):
+    # Weights 50x too large: fp16 overflows inside the first layer, the float32 reference does not.
+    result = run_job(make_config(*SHORT_PROMPT, "kernels=none", f"workload={workload}", "dtype=fp16",
+                                 "+model.architecture.initializer_range=1.0", "model.architecture.num_hidden_layers=1"),
+                     models)
+    assert result.status == RunStatus.skipped, result.reason
+    assert "the model itself overflows in torch.float16 at T=40: baseline output has" in result.reason
+    assert "non-finite values, first at model.layers.0" in result.reason
+    assert result.metrics.keys() == {"job_wall_s"}
+    assert result.tags["forward_path"] == {"decode": "static_cache_step", "train": "training_step"}[workload]

@@ -71,11 +71,11 @@ class PromptConfig:
 @dataclass
 class TimingConfig:
     mode: TimingMode = TimingMode.auto
-    target_ci: float = 0.005  # stop once the 95% interval of the speedup is within +-0.5%
-    budget_s: float = 20.0  # per job, for the timed rounds
-    min_rounds: int = 10
-    max_rounds: int = 2000
-    check_every: int = 5
+    target_ci: float = 0.0015  # stop once the 95% interval of the speedup is within +-0.15%
+    budget_s: float = 1.0  # per job: seconds of timed work (both sides), re-captures and checks not counted
+    min_rounds: int = 50  # with 5 rounds a block: 10 blocks before the interval may stop the rounds
+    max_rounds: int = 1000
+    block_rounds: int = 5  # rounds per capture; the interval is computed over blocks
     warmup: int = 3
     min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
     input_sets: int = 3  # rotated among so that caches do not flatter either side
@@ -96,6 +96,15 @@ class WorkloadConfig:
 
 
 @dataclass
+class ForwardConfig:
+    """The forward that is timed and compared: by default the call users make, `model(input_ids=...)`."""
+
+    # None: the model's own default (a KV cache is created, as `model(**inputs)` and `generate` do);
+    # false/true pass use_cache explicitly. Attention may take another path without the cache.
+    use_cache: bool | None = None
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "kernel-sweep"
@@ -113,6 +122,7 @@ class SweepConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: DeviceChoice = DeviceChoice.auto
     seed: int = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -57,14 +57,14 @@ def _recording(modules: list[torch.nn.Module]) -> Iterator[_Calls]:
 
 
 def traced_logits(
-    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, use_cache: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[LayerRecord]]:
     """Baseline and kernel logits of one input, and the per-module attribution from the same two forwards."""
     modules = switch.modules
     with _recording(modules) as baseline_calls:
-        baseline = forward_logits(model, input_ids)
+        baseline = forward_logits(model, input_ids, use_cache)
     with switch.active(), _recording(modules) as kernel_calls:
-        kernel = forward_logits(model, input_ids)
+        kernel = forward_logits(model, input_ids, use_cache)
     names = {module: name for name, module in model.named_modules()}
     records = []
     for index, module in enumerate(baseline_calls.outputs):
@@ -77,6 +77,29 @@ def traced_logits(
             err_ratio=error_ratio(kernel_err[1], eager_err[1]), propagated_max_diff=propagated,
         ))
     return baseline, kernel, records
+
+
+def first_nonfinite_module(
+    model: torch.nn.Module, forward: Callable[[], object], after_forward: str = "the logits"
+) -> str:
+    """The first module, in the order modules finish during `forward()`, whose output holds NaN or Inf;
+    `after_forward` when none does (the NaN comes later, e.g. from the loss or the backward)."""
+    names = {module: name for name, module in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+        tensor = output[0] if isinstance(output, tuple) and output else output
+        if not found and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(
+                torch.isfinite(tensor).all()):
+            found.append(names[module] or type(module).__name__)
+
+    handles = [module.register_forward_hook(hook) for module in names]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else after_forward
 
 
 def _isolated_errors(
@@ -102,7 +125,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_metrics(records: list[LayerRecord]) -> dict[str, float]:
-    first = next((r.index for r in records if r.propagated_max_diff > 0), -1)
+    first = next((r.index for r in records if r.propagated_max_diff != 0), -1)  # NaN counts as differing
     worst = max((r.err_ratio for r in records), default=1.0)
     return {"layer_err_ratio_max": worst, "first_divergent_layer": float(first)}
 

@@ -6,6 +6,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -21,13 +22,22 @@ from .config import (
 )
 from .errors import JobConfigError, SkipJob
 from .fingerprint import fingerprint
-from .kernelization import KernelSwitch, check_layers_exist, resolve_kernel
-from .models import ModelCache, torch_dtype
+from .kernelization import (
+    KernelSwitch,
+    check_kernel_directory,
+    check_layers_exist,
+    resolve_kernel,
+)
+from .models import ModelCache, ReferenceKey, torch_dtype
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
-from .workloads import JobState, Sides, workload
+from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
 
 StatusHook = Callable[[str], None]
+
+
+# What a run that was not measured may still log: bookkeeping, never a timing or numerics result.
+UNMEASURED_METRIC_PREFIXES = ("job_wall_s", "kernelized_", "phase_s_")
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,16 @@ class JobPlan:
     timing_modes: tuple[TimingMode, ...]  # the first gives latency_ms_*
 
 
+def kernels_name(cfg: SweepConfig | DictConfig) -> str:
+    """The kernel subset's name; a subset called `none` that has layers (`kernels=none +kernels.X=...`) is
+    `custom`: which kernels ran is in the `kernel_<Layer>` params."""
+    name = str(cfg.kernels.get("name", "custom"))
+    has_layers = any(key not in ("name", "source") and value is not None for key, value in cfg.kernels.items())
+    return "custom" if name == "none" and has_layers else name
+
+
 def job_name(cfg: SweepConfig | DictConfig) -> str:
-    name = f"{cfg.dtype.name} {cfg.kernels.get('name', 'custom')} T={cfg.prompt.length}"
+    name = f"{cfg.dtype.name} {kernels_name(cfg)} T={cfg.prompt.length}"
     if cfg.prompt.batch_size != 1:
         name += f" B={cfg.prompt.batch_size}"
     if cfg.workload.name != "prefill":
@@ -53,7 +71,7 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
     return {
         "model": cfg.model.id or cfg.model.name,
         "dtype": cfg.dtype.name,
-        "kernels": str(cfg.kernels.get("name", "custom")),
+        "kernels": kernels_name(cfg),
         "prompt_len": str(cfg.prompt.length),
         "batch_size": str(cfg.prompt.batch_size),
         "device": DeviceChoice(cfg.device).value,
@@ -84,8 +102,8 @@ def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
     if TimingMode.graph in modes and device.type != "cuda":
         raise JobConfigError(f"timing.mode={mode.value} needs CUDA graphs; use timing.mode=eager on {device.type}")
     for layer, spec in kernels.specs.items():
-        if spec.path is not None and not Path(spec.path).expanduser().is_dir():
-            raise JobConfigError(f"kernels.{layer}.path={spec.path} is not a directory")
+        if spec.path is not None:
+            check_kernel_directory(layer, Path(spec.path).expanduser())
     return JobPlan(device, dtype, torch_dtype(cfg.dtype.reference), kernels, modes)
 
 
@@ -111,6 +129,8 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
     except Exception as error:  # any failure of one combination is that run's result, not the sweep's end
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
         result.artifacts["traceback.txt"] = traceback.format_exc()
+    if result.status != RunStatus.measured:
+        result.metrics = {k: v for k, v in result.metrics.items() if k.startswith(UNMEASURED_METRIC_PREFIXES)}
     result.metrics["job_wall_s"] = time.perf_counter() - started
     return result
 
@@ -128,16 +148,20 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
     check_layers_exist(model, list(plan.kernels.specs))
     kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
     for kernel in kernels:
+        result.params[f"kernel_{kernel.layer}"] = kernel.identity
         result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
         if kernel.note:
             result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
+    result.tags["attn_implementation"] = str(model.config._attn_implementation)
+    result.tags["forward_path"] = work.forward_path(cfg)
     inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
-    prompt_key = (work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size)
-    reference = models.reference(prompt_key, lambda: work.reference(model, inputs, plan.reference_dtype))
+    key = ReferenceKey(work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size,
+                       str(plan.reference_dtype), result.tags["forward_path"])
+    reference = models.reference(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
     switch = None
     if kernels:
         status("kernelizing")
@@ -152,32 +176,56 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    job = JobState(model, switch, inputs, reference, cfg, plan.device, result, status)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status)
     with work.running(model):
         sides = work.sides(job)
         status("numerics")
-        work.compare(job, sides)
-        _time(sides, inputs, cfg, plan, result, status)
+        result.metrics |= work.compare(job, sides)
+        status("checking every input set's outputs")
+        _check_other_input_sets(job, sides)
+        _time(sides, switch, inputs, cfg, plan, result, status)
     result.metrics |= work.timing_metrics(result.metrics, cfg)
     if plan.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(plan.device) / 2**20
         result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), peak)
 
 
-def _runners(mode: TimingMode, sides: Sides, inputs) -> tuple[Runner, Runner | None]:
+def _check_other_input_sets(job: JobState, sides: Sides) -> None:
+    """The workload's numerics checked input set 0's outputs; timing runs the other sets too."""
+    for ids in job.inputs[1:]:
+        check_baseline_finite(job, sides.baseline(ids), partial(sides.baseline, ids))
+        if sides.kernel is not None and job.switch is not None:
+            with job.switch.active():
+                kernel = sides.kernel(ids)
+            check_kernel_finite(job, kernel, partial(sides.kernel, ids))
+
+
+def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> tuple[Runner, Runner | None]:
+    """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
+    before capture (graph): switching forwards is never inside a timed forward."""
     make = GraphRunner if mode == TimingMode.graph else EagerRunner
-    baseline = make(sides.baseline, inputs)
-    kernel = make(sides.kernel, inputs) if sides.kernel is not None else None
-    return baseline, kernel
+    if switch is None or sides.kernel is None:
+        return make(sides.baseline, inputs), None
+    return (make(sides.baseline, inputs, lambda: switch.select(False)),
+            make(sides.kernel, inputs, lambda: switch.select(True)))
 
 
-def _time(sides: Sides, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+    try:
+        _time_modes(sides, switch, inputs, cfg, plan, result, status)
+    finally:
+        if switch is not None:
+            switch.select(False)
+
+
+def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
+    replay_errors: list[float] = []
     modes = list(plan.timing_modes)
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            baseline, kernel = _runners(mode, sides, inputs)
+            baseline, kernel = _runners(mode, sides, switch, inputs)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph:
                 raise
@@ -190,12 +238,14 @@ def _time(sides: Sides, inputs, cfg, plan: JobPlan, result: JobResult, status: S
             status(f"timing ({mode.value}) round {rounds.rounds}")
 
         if isinstance(baseline, GraphRunner):
-            result.metrics["graph_replay_rel_err"] = max(r.replay_error for r in (baseline, kernel) if r is not None)
+            replay_errors = [r.replay_error for r in (baseline, kernel) if isinstance(r, GraphRunner)]
         measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
         del baseline, kernel
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
     _timing_metrics(measured, result)
+    if replay_errors:
+        result.metrics["graph_replay_rel_err"] = max(replay_errors)
 
 
 def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult) -> None:
@@ -206,6 +256,7 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     metrics["timing_rounds"] = primary.rounds
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
+    result.tags["timing_stopped_by"] = primary.stopped_by
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():

@@ -3,7 +3,9 @@ and switch the replaced forwards on and off so baseline and kernel run on the ve
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +15,10 @@ from pathlib import Path
 from types import MethodType
 
 import torch
+from huggingface_hub import HfApi
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.file_download import repo_folder_name
 from kernels import (
     KernelizeFallback,
     Mode,
@@ -28,6 +33,11 @@ from kernels._versions import (
 
 from .config import KernelSourceMode, KernelSpec
 from .errors import JobConfigError, SkipJob
+
+try:  # the HTTP client of huggingface_hub: httpx2 since huggingface_hub 2, httpx before
+    from httpx2 import RequestError as HubRequestError
+except ImportError:
+    from httpx import RequestError as HubRequestError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
@@ -84,26 +94,35 @@ class ResolvedKernel:
     repository: KernelRepository
     source: str  # hub:<repo>@<revision>, bundled:<name> or local:<path>
     note: str = ""  # why `auto` did not take the Hub
+    content_hash: str = ""  # of the files of a bundled or local kernel; a Hub revision names its own content
+
+    @property
+    def identity(self) -> str:
+        """Which kernel ran: the Hub repository at its commit, or the source and a hash of the local files."""
+        return f"{self.source}@{self.content_hash}" if self.content_hash else self.source
+
+
+class HubUnreachable(Exception):
+    """The Hub could not be asked (offline and the repository is not cached, network down, server error)."""
 
 
 def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> ResolvedKernel:
     if spec.path is not None:
         path = Path(spec.path).expanduser().resolve()
-        return ResolvedKernel(layer, KernelRepository(spec.layer_name, path=path), f"local:{path}")
+        check_kernel_directory(layer, path)
+        repository = KernelRepository(spec.layer_name, path=path)
+        return ResolvedKernel(layer, repository, f"local:{path}", content_hash=directory_hash(path))
     note = ""
     if spec.repo_id is not None and mode != KernelSourceMode.bundled:
         try:
-            revision = select_revision_or_version(
-                spec.repo_id, revision=spec.revision, version=spec.version,
-                local_files_only=hub_constants.HF_HUB_OFFLINE,
-            )
-        except Exception as error:  # network errors, offline cache misses, unknown versions
+            revision = _hub_revision(layer, spec)
+        except HubUnreachable as error:
             if mode == KernelSourceMode.hub or spec.bundled is None:
                 raise JobConfigError(
-                    f"cannot resolve {spec.repo_id} (version={spec.version}, revision={spec.revision}) on the Hub: "
+                    f"cannot reach the Hub for {spec.repo_id} (version={spec.version}, revision={spec.revision}): "
                     f"{error}. Use kernels.source=bundled or kernels.{layer}.path=/local/kernel-repo offline."
                 ) from None
-            note = f"Hub unavailable ({type(error).__name__}); using the bundled copy"
+            note = f"Hub unavailable ({error}); using the bundled copy"
         else:
             repository = KernelRepository(spec.layer_name, repo_id=spec.repo_id, revision=revision)
             return ResolvedKernel(layer, repository, f"hub:{spec.repo_id}@{revision}")
@@ -113,7 +132,79 @@ def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> Reso
     if not path.is_dir():
         available = ", ".join(sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "build").is_dir()))
         raise JobConfigError(f"no bundled kernel {spec.bundled!r}; bundled kernels: {available}")
-    return ResolvedKernel(layer, KernelRepository(spec.layer_name, path=path), f"bundled:{spec.bundled}", note)
+    repository = KernelRepository(spec.layer_name, path=path)
+    return ResolvedKernel(layer, repository, f"bundled:{spec.bundled}", note, directory_hash(path))
+
+
+def check_kernel_directory(layer: str, path: Path) -> None:
+    """A kernel path must be a kernel repository: a directory with a `build/` of variants (torch-cpu, ...)."""
+    if not path.is_dir():
+        raise JobConfigError(f"kernels.{layer}.path={path} is not a directory")
+    if not (path / "build").is_dir():
+        raise JobConfigError(
+            f"kernels.{layer}.path={path} has no build/ directory: a kernel repository holds "
+            "build/torch-<backend>/ (e.g. build/torch-cuda/__init__.py); point the path at its root"
+        )
+
+
+def directory_hash(path: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of every file's relative path and bytes (caches excluded)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _hub_revision(layer: str, spec: KernelSpec) -> str:
+    """The commit to load. A version or revision that the Hub (or, offline, a cached copy of the repository)
+    does not have is the user's error; only a Hub that cannot be asked raises HubUnreachable."""
+    assert spec.repo_id is not None
+    offline = bool(hub_constants.HF_HUB_OFFLINE)
+    cached = _cached_snapshot_dir(spec.repo_id)
+    if offline and cached is None:
+        raise HubUnreachable("offline, and the repository is not in the Hugging Face cache")
+    try:
+        if spec.revision is not None and spec.version is None:
+            return _check_revision(spec.repo_id, spec.revision, offline, cached)
+        return select_revision_or_version(
+            spec.repo_id, revision=spec.revision, version=spec.version, local_files_only=offline
+        )
+    except HubUnreachable:
+        raise
+    except Exception as error:
+        if _is_unreachable(error):
+            raise HubUnreachable(f"{type(error).__name__}: {error}") from None
+        raise JobConfigError(
+            f"kernels.{layer}: {spec.repo_id} has no version={spec.version} / revision={spec.revision}"
+            f"{' in the local cache (offline)' if offline else ''}: {error}"
+        ) from None
+
+
+def _cached_snapshot_dir(repo_id: str) -> Path | None:
+    cache = Path(os.environ.get("KERNELS_CACHE") or hub_constants.HF_HUB_CACHE)
+    for repo_type in ("kernel", "model"):
+        folder = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _check_revision(repo_id: str, revision: str, offline: bool, cached: Path | None) -> str:
+    if offline:
+        assert cached is not None
+        ref = cached / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        if not (cached / "snapshots" / commit).is_dir():
+            raise ValueError(f"revision {revision!r} is not in the local cache ({cached})")
+        return commit
+    return str(HfApi().repo_info(repo_id, revision=revision, repo_type="kernel").sha or revision)
+
+
+def _is_unreachable(error: Exception) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        response = error.response
+        return response is None or response.status_code >= 500
+    return isinstance(error, (ConnectionError, TimeoutError, HubRequestError))
 
 
 def kernel_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -179,18 +270,25 @@ class KernelSwitch:
     def modules(self) -> list[torch.nn.Module]:
         return list(self._forwards)
 
+    def select(self, enabled: bool) -> None:
+        """Switch the kernels on or off until the next call; idempotent. Timing calls it outside the timed
+        region, so that neither side pays for switching."""
+        for module, forward in self._forwards.items():
+            if enabled:
+                module.forward = forward
+            else:
+                module.__dict__.pop("forward", None)
+
     @contextmanager
     def active(self, enabled: bool = True) -> Iterator[None]:
         if not enabled:
             yield
             return
-        for module, forward in self._forwards.items():
-            module.forward = forward
+        self.select(True)
         try:
             yield
         finally:
-            for module in self._forwards:
-                del module.forward
+            self.select(False)
 
 
 def _detach_forwards(model: torch.nn.Module) -> dict[torch.nn.Module, MethodType]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -56,13 +57,28 @@ def _random_init(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
     if cfg.init_device == "cpu":
         # Draw in float32 on the host, then cast: the same weights on every machine.
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        return model.to(device=device, dtype=dtype)
+        _cast_like_transformers(model, config, dtype)
+        return model.to(device=device)
     if cfg.init_device != "device":
         raise JobConfigError(f"model.init_device must be 'cpu' or 'device', got {cfg.init_device!r}")
     if device.type == "cuda":
         torch.cuda.manual_seed(cfg.init_seed)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _cast_like_transformers(model: PreTrainedModel, config: object, dtype: torch.dtype) -> None:
+    """Cast each parameter and buffer to the dtype transformers itself gives it in a `dtype` model (built on the
+    meta device, so nothing is allocated): buffers its code keeps in float32, like RoPE's `inv_freq`, stay
+    float32 where `model.to(dtype)` would round them."""
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    wanted = {name: t.dtype for name, t in [*shape.named_parameters(), *shape.named_buffers()]}
+    for name, parameter in model.named_parameters():
+        parameter.data = parameter.data.to(wanted[name])
+    for name, buffer in model.named_buffers():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer.to(wanted[name]))
 
 
 def _from_pretrained(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -99,14 +115,26 @@ def _load_tokenizer(cfg: ModelConfig, model: PreTrainedModel) -> object:
     )
 
 
+@dataclass(frozen=True)
+class ReferenceKey:
+    """Everything besides the model (which the cache holds one of) that determines a workload's reference."""
+
+    workload: str
+    prompt_text: str
+    prompt_length: int
+    batch_size: int
+    reference_dtype: str
+    forward_path: str
+
+
 class ModelCache:
     """One model per process at a time, reused by the jobs of a sweep that share (model, dtype, device);
-    with it, its high-precision reference logits per prompt."""
+    with it, its high-precision references per workload, prompt, reference dtype and forward path."""
 
     def __init__(self) -> None:
         self._key: tuple[str, str, str] | None = None
         self._loaded: LoadedModel | None = None
-        self._references: dict[object, torch.Tensor] = {}
+        self._references: dict[ReferenceKey, Any] = {}
 
     def get(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         key = (repr(cfg), str(dtype), str(device))
@@ -116,10 +144,14 @@ class ModelCache:
             self._key = key
         return self._loaded
 
-    def reference(self, prompt_key: object, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if prompt_key not in self._references:
-            self._references[prompt_key] = compute()
-        return self._references[prompt_key]
+    def reference(self, key: ReferenceKey, compute: Callable[[], Any]) -> Any:
+        if key not in self._references:
+            self._references[key] = compute()
+        return self._references[key]
+
+    @property
+    def reference_keys(self) -> list[ReferenceKey]:
+        return list(self._references)
 
     def clear(self) -> None:
         self._key, self._loaded, self._references = None, None, {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -11,9 +11,24 @@ from torch.overrides import TorchFunctionMode
 from .kernelization import KernelSwitch
 
 
-def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:
+    """The call users make, `model(input_ids=...)`, with the model's own `use_cache` unless one is given.
+
+    No attention mask: for an unpadded prompt transformers drops an all-ones mask (SDPA's causal path), except
+    under CUDA-graph capture, where it cannot read the mask's values and would build a dense mask instead."""
+    options = {} if use_cache is None else {"use_cache": use_cache}
     with torch.inference_mode():
-        return model(input_ids=input_ids, use_cache=False).logits
+        return model(input_ids=input_ids, **options).logits
+
+
+def forward_path(use_cache: bool | None) -> str:
+    """The tag naming the forward that `forward_logits` runs."""
+    return "default" if use_cache is None else f"use_cache={use_cache}"
+
+
+def nonfinite_count(values: torch.Tensor | Iterable[torch.Tensor]) -> int:
+    tensors = [values] if isinstance(values, torch.Tensor) else values
+    return sum(int((~torch.isfinite(tensor)).sum()) for tensor in tensors)
 
 
 _LOWERING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
@@ -48,23 +63,42 @@ class KeepPrecision(TorchFunctionMode):
 @contextmanager
 def reference_precision(model: torch.nn.Module, reference_dtype: torch.dtype) -> Iterator[None]:
     """Inside, the same weights run eagerly in `reference_dtype`, cast in place to keep one copy of the weights:
-    the model is cast up, and cast back on exit (an exact round trip: every low-precision value is representable
-    in the higher precision)."""
-    run_dtype = next(model.parameters()).dtype
+    the model is cast up, and on exit every parameter and buffer is cast back to its own dtype (an exact round
+    trip: every low-precision value is representable in the higher precision; buffers that transformers keeps in
+    float32, like RoPE's `inv_freq`, go back to float32, not to the run's dtype)."""
+    dtypes = _tensor_dtypes(model)
     model.to(reference_dtype)
     try:
         with KeepPrecision(reference_dtype):
             yield
     finally:
-        model.to(run_dtype)
+        _restore_dtypes(model, dtypes)
         if next(model.parameters()).device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype) -> torch.Tensor:
-    """The eager forward of the same weights in `reference_dtype`, returned as float64 on the host."""
+def reference_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype, use_cache: bool | None = None
+) -> torch.Tensor:
+    """The eager forward of the same weights in `reference_dtype` (see `reference_precision`), returned as
+    float64 on the host."""
     with reference_precision(model, reference_dtype):
-        return forward_logits(model, input_ids).to(device="cpu", dtype=torch.float64)
+        return forward_logits(model, input_ids, use_cache).to(device="cpu", dtype=torch.float64)
+
+
+def _tensor_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: tensor.dtype for name, tensor in tensors}
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if parameter.dtype != dtypes[name]:
+            parameter.data = parameter.data.to(dtypes[name])
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if buffer.dtype != dtypes[name]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, buffer.to(dtypes[name]))
 
 
 def relative_error(values: torch.Tensor, reference: torch.Tensor) -> float:
@@ -80,7 +114,8 @@ def error_ratio(kernel_error: float, baseline_error: float) -> float:
 
 
 def ulp_distance(diff: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`diff` in units of `dtype`'s spacing at `magnitude`: 0.125 at a logit of 20 in bf16 is one step."""
+    """`diff` in units of `dtype`'s spacing at `magnitude`, element-wise: 0.125 at a logit of 20 in bf16 is one
+    step. Magnitudes below the smallest normal number count at its spacing."""
     info = torch.finfo(dtype)
     exponent = torch.floor(torch.log2(magnitude.abs().clamp_min(info.smallest_normal)))
     return diff / (torch.exp2(exponent) * info.eps)
@@ -89,8 +124,8 @@ def ulp_distance(diff: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
 def compare_outputs(baseline: torch.Tensor, kernel: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """The output metrics of the MLflow contract for one pair of logits of the same inputs."""
     diff = (kernel.double() - baseline.double()).abs()
-    worst = int(diff.argmax())
-    ulp = ulp_distance(diff.flatten()[worst], baseline.double().flatten()[worst], baseline.dtype)
+    # The worst element in steps of its own baseline value's spacing, not the steps at the largest |diff|.
+    ulp = ulp_distance(diff, baseline.double(), baseline.dtype).max()
     ref_err_baseline = relative_error(baseline, reference)
     ref_err_kernel = relative_error(kernel, reference)
     return {
@@ -105,9 +140,9 @@ def compare_outputs(baseline: torch.Tensor, kernel: torch.Tensor, reference: tor
 
 
 def kernel_and_baseline_logits(
-    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, use_cache: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    baseline = forward_logits(model, input_ids)
+    baseline = forward_logits(model, input_ids, use_cache)
     with switch.active():
-        kernel = forward_logits(model, input_ids)
+        kernel = forward_logits(model, input_ids, use_cache)
     return baseline, kernel

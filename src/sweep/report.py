@@ -44,7 +44,8 @@ FINGERPRINT = (
     "host", "torch_version", "transformers_version", "kernels_version", "triton_version", "liger_kernel_version",
     "sweep_version", "git_commit", "git_dirty",
 )
-TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role")
+TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role", "timing_mode_used")
+KERNEL_PARAM_PREFIX = "kernel_"  # kernel_<Layer>: which kernel ran (hub:repo@commit, local:path@hash, ...)
 # One table section per configuration and GPU; one row per kernel subset.
 CONFIG = ("model", "dtype", "prompt_len", "batch_size", "timing_mode")
 
@@ -70,6 +71,7 @@ def load_runs(
         frame[column] = frame[column].astype(float)
     for column in NUMERIC_PARAMS:
         frame[column] = _numeric_if_possible(frame[column])
+    frame["kernel_identity"] = kernel_identities(frame)
     text_columns = [c for c in (*PARAMS, *TAGS) if c not in NUMERIC_PARAMS]
     frame[text_columns] = frame[text_columns].astype(object).fillna("")
     frame["workload"] = frame["workload"].replace("", WORKLOADS[0])
@@ -129,6 +131,17 @@ def _flatten(run: Run, uri: str) -> dict[str, object]:
     return row | {"run_id": run.info.run_id, "store": uri, "start_time": pd.Timestamp(run.info.start_time, unit="ms")}
 
 
+def kernel_identities(runs: pd.DataFrame) -> pd.Series:
+    """One text per run naming every kernel it ran ("RMSNorm=local:/k@1a2b..."); empty without kernels."""
+    columns = sorted(c for c in runs.columns if c.startswith(KERNEL_PARAM_PREFIX) and not c.startswith(
+        ("kernelized_", "kernel_source_", "kernel_note_")))
+    if not columns:
+        return pd.Series("", index=runs.index, dtype=object)
+    values = runs[columns].astype(object)
+    return values.apply(lambda row: "; ".join(
+        f"{c.removeprefix(KERNEL_PARAM_PREFIX)}={v}" for c, v in row.items() if isinstance(v, str) and v), axis=1)
+
+
 def _numeric_if_possible(column: pd.Series) -> pd.Series:
     try:
         return pd.to_numeric(column)
@@ -153,12 +166,19 @@ def hardware_labels(runs: pd.DataFrame) -> pd.Series:
 
 
 def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add the `gpu` label; keep the newest run per configuration, kernel subset and fingerprint; sort for display."""
+    """Add the `gpu` label; keep one run per configuration, kernels (subset and identity) and fingerprint: the
+    newest `measured` one, else the newest; `hidden_runs` counts the others; sort for display."""
     runs = runs.assign(gpu=hardware_labels(runs))
     if "workload" not in runs:  # a frame built from runs that predate workloads
         runs = runs.assign(workload=WORKLOADS[0])
-    key = ["workload", *CONFIG, "kernels", "gpu", *FINGERPRINT]
-    runs = runs.sort_values("start_time").drop_duplicates(key, keep="last")
+    for column in ("kernel_identity", "run_status", "timing_mode_used"):
+        if column not in runs.columns:
+            runs[column] = ""
+    key = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
+    runs = runs.assign(_measured=runs["run_status"].isin(["measured", ""]))
+    runs = runs.sort_values(["_measured", "start_time"], kind="stable")
+    hidden = runs.groupby(key, dropna=False)["start_time"].transform("size") - 1
+    runs = runs.assign(hidden_runs=hidden).drop_duplicates(key, keep="last").drop(columns="_measured")
     rank = {name: index for index, name in enumerate(WORKLOADS)}
     order = runs.assign(_not_none=runs["kernels"] != "none",
                         _workload=runs["workload"].map(lambda w: rank.get(w, len(rank))))
@@ -170,6 +190,20 @@ def workload_parts(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(workload, its runs) in display order: a prefill, a decode step and a training step are never compared
     in one column."""
     return [(str(name), group) for name, group in runs.groupby("workload", sort=False)]
+
+
+def kernel_labels(runs: pd.DataFrame) -> pd.Series:
+    """The subset's name; where one name covers runs of different kernels, the kernels themselves are added."""
+    labels = runs["kernels"].astype(object).copy()
+    for _, index in runs.groupby("kernels").groups.items():
+        if runs.loc[index, "kernel_identity"].nunique() > 1:
+            labels.loc[index] = runs.loc[index, "kernels"] + " [" + runs.loc[index, "kernel_identity"] + "]"
+    return labels
+
+
+def mode_marker(mode_used: str) -> str:
+    """Speedups measured without CUDA graphs are marked, so that a column never mixes them unmarked."""
+    return "" if mode_used in ("graph", "") or pd.isna(mode_used) else f" ({mode_used})"
 
 
 def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -196,10 +230,11 @@ DEFAULT_ACCURACY_COLUMNS = (("max diff", "max_abs_diff", ".3g"), ("argmax match"
 def run_table(group: pd.DataFrame) -> pd.DataFrame:
     """Formatted rows of one section; optional metrics get a column only where the section has them."""
     table = pd.DataFrame({
-        "kernels": group["kernels"],
+        "kernels": group["kernel_label"] if "kernel_label" in group else group["kernels"],
         "baseline ms": group["latency_ms_baseline"].map(lambda v: _fmt(v, ".3f")),
         "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
-        "speedup [CI]": [_speedup(r.speedup, r.speedup_ci_low, r.speedup_ci_high) for r in group.itertuples()],
+        "speedup [CI]": [_speedup(r.speedup, r.speedup_ci_low, r.speedup_ci_high) + mode_marker(r.timing_mode_used)
+                         if not pd.isna(r.speedup) else "" for r in group.itertuples()],
     })
     workload = group["workload"].iloc[0] if len(group) else WORKLOADS[0]
     for column, metric, spec in ACCURACY_COLUMNS.get(workload, DEFAULT_ACCURACY_COLUMNS):
@@ -207,6 +242,10 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
     for metric in OPTIONAL_METRICS:
         if group[metric].notna().any():
             table[metric] = group[metric].map(lambda v: _fmt(v, ".3g"))
+    if (group["timing_mode_used"] != "").any():
+        table["timing used"] = group["timing_mode_used"]
+    if (group["hidden_runs"] > 0).any():
+        table["other runs"] = group["hidden_runs"].astype(int)
     table["status"] = [_status(r.run_status, r.status_reason) for r in group.itertuples()]
     return table.reset_index(drop=True)
 
@@ -214,6 +253,7 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
 def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
     """Speedup per configuration and kernel subset (rows) and GPU (columns), rows in display order."""
     index = [*CONFIG, "kernels"]
+    runs = runs.assign(kernels=kernel_labels(runs))
     pivot = runs.pivot(index=index, columns="gpu", values="speedup")
     pivot = pivot.reindex(pd.MultiIndex.from_frame(runs[index].drop_duplicates()))
     pivot.columns.name = None
@@ -222,13 +262,18 @@ def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 
 def export_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Numeric, one-row-per-run table for CSV."""
-    columns = ["workload", *CONFIG, "kernels", "gpu", *METRICS, "run_status", "status_reason", *FINGERPRINT,
-               "device", "sweep_id", "run_id", "store", "start_time"]
+    columns = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, "timing_mode_used",
+               "run_status", "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id", "run_id", "store",
+               "start_time"]
     return runs[columns]
 
 
 def _fmt(value: float, spec: str) -> str:
-    return "" if pd.isna(value) else format(value, spec)
+    if pd.isna(value):
+        return ""
+    if abs(value) >= sys.float_info.max:  # how MLflow stores an infinite ratio
+        return "∞" if value > 0 else "-∞"
+    return format(value, spec)
 
 
 def _speedup(value: float, low: float, high: float) -> str:
@@ -252,14 +297,23 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
         return export_table(runs).to_csv(index=False)
     parts = []
     for workload, part in workload_parts(runs):
-        pivot = speedup_pivot(part)
-        gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
-        pivot[gpus] = pivot[gpus].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
-        parts.append((workload, pivot, section_tables(part)))
+        parts.append((workload, _marked_pivot(part), section_tables(part.assign(kernel_label=kernel_labels(part)))))
     intro = _intro(runs)
     if fmt == "md":
         return _markdown(intro, parts, plots)
     return _html(intro, parts, plots)
+
+
+def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
+    """The speedup pivot as text, each speedup marked with the timing mode it was measured in (unless graph)."""
+    pivot = speedup_pivot(runs)
+    gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
+    modes = runs.assign(kernels=kernel_labels(runs)).pivot(index=[*CONFIG, "kernels"], columns="gpu",
+                                                             values="timing_mode_used")
+    modes = modes.reindex(pd.MultiIndex.from_frame(pivot[[*CONFIG, "kernels"]]))[gpus].to_numpy()
+    pivot[gpus] = [[("" if pd.isna(v) else f"{v:.2f}x" + mode_marker(m)) for v, m in zip(values, row_modes)]
+                   for values, row_modes in zip(pivot[gpus].to_numpy(), modes)]
+    return pivot
 
 
 WORKLOAD_TITLES = {"prefill": "prefill: one forward over the prompt",
@@ -271,8 +325,11 @@ Part = tuple[str, pd.DataFrame, list[tuple[str, pd.DataFrame]]]  # workload, spe
 def _intro(runs: pd.DataFrame) -> str:
     stores = ", ".join(runs["store"].unique())
     sweeps = ", ".join(runs["sweep_id"].unique())
-    return (f"{len(runs)} runs (the latest per configuration and machine) from {stores}; sweeps: {sweeps}. "
-            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets.")
+    hidden = int(runs["hidden_runs"].sum())
+    return (f"{len(runs)} runs (per configuration, kernels and machine the latest measured one, else the latest; "
+            f"{hidden} other runs hidden, counted in 'other runs') from {stores}; sweeps: {sweeps}. "
+            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets; timed with "
+            "CUDA graphs unless marked (eager). An infinite ratio is printed as ∞.")
 
 
 def _markdown(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:

@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .config import TrackingConfig
+from .config import TrackingConfig, kernel_selection
 from .models import ModelCache
 from .results import JobResult, RunStatus
 from .summary import sweep_tables
@@ -94,6 +94,29 @@ def _count_jobs(config: DictConfig) -> int:
     return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
 
 
+def _job_configs(config: DictConfig) -> list[DictConfig]:
+    """Every job's composed config, as Hydra's basic sweeper will compose them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    loader = GlobalHydra.instance().config_loader()
+    return [loader.load_sweep_config(config, list(job))
+            for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _check_kernel_choices(configs: list[DictConfig]) -> None:
+    """The `kernels` node is open (any layer name), so Hydra cannot type-check it: check it before anything is
+    logged, like the typos Hydra catches (`kernels.source=bundle` stops the sweep at start-up)."""
+    for job in configs:
+        try:
+            kernel_selection(job.kernels)
+        except ValueError as error:
+            Console(stderr=True, soft_wrap=True).print(f"[red]sweep: invalid configuration[/]: {error}")
+            raise SystemExit(2) from None
+
+
 def _sweep_name(config: DictConfig) -> str:
     """The overrides that choose what is measured, e.g. `dtype=bf16,fp32 kernels=rms,silu,both`."""
     chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(("tracking.", "hydra."))]
@@ -104,9 +127,11 @@ class SweepLifecycle(Callback):
     """Hydra callback: one session (and MLflow parent run) around each `python -m sweep` invocation."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_kernel_choices([config])
         self._open(config, total_jobs=1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_kernel_choices(_job_configs(config))
         self._open(config, total_jobs=_count_jobs(config))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""The paired speedup and its confidence interval, from per-round timings of baseline and kernel."""
+"""The speedup and its confidence interval, from paired timings grouped in blocks (one capture per block)."""
 
 from __future__ import annotations
 
@@ -25,23 +25,25 @@ class SpeedupEstimate:
         return self.low > 1.0 or self.high < 1.0
 
 
-def paired_speedup(
-    baseline_ms: Sequence[float], kernel_ms: Sequence[float], confidence: float = 0.95, seed: int = 0
+def blocked_speedup(
+    baseline_ms: Sequence[float], kernel_ms: Sequence[float], blocks: Sequence[int], confidence: float = 0.95
 ) -> SpeedupEstimate:
-    """Geometric mean of the per-round ratios, with a BCa bootstrap interval over rounds.
+    """Geometric mean of the per-round ratios baseline/kernel, with a Student-t interval over the blocks' means.
 
-    Pairing cancels what drifts between rounds (clocks, temperature, other tenants): each round's ratio
-    compares two measurements taken back to back.
+    Pairing cancels what drifts between rounds (clocks, temperature, other tenants): each round's ratio compares
+    two measurements taken back to back. Rounds within a block share one capture (graphs, buffers, allocations),
+    so they are not independent of each other; the blocks are, and the interval is computed from them.
     """
-    if len(baseline_ms) != len(kernel_ms) or len(baseline_ms) < 2:
-        raise ValueError(f"need two or more paired rounds, got {len(baseline_ms)} and {len(kernel_ms)}")
+    if not len(baseline_ms) == len(kernel_ms) == len(blocks):
+        raise ValueError(f"need one block index per paired round, got {len(baseline_ms)}, {len(kernel_ms)}, "
+                         f"{len(blocks)}")
     log_ratios = np.log(np.asarray(baseline_ms, dtype=np.float64) / np.asarray(kernel_ms, dtype=np.float64))
-    center = float(np.exp(log_ratios.mean()))
-    if np.ptp(log_ratios) == 0.0:
+    block_ids = np.asarray(blocks)
+    means = np.array([log_ratios[block_ids == block].mean() for block in np.unique(block_ids)])
+    if len(means) < 2:
+        raise ValueError(f"need two or more blocks of rounds, got {len(means)}")
+    center = float(np.exp(means.mean()))
+    if np.ptp(means) == 0.0:
         return SpeedupEstimate(center, center, center)
-    result = stats.bootstrap(
-        (log_ratios,), np.mean, confidence_level=confidence, n_resamples=2000,
-        method="BCa", vectorized=True, rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
+    interval = stats.ttest_1samp(means, 0.0).confidence_interval(confidence)
     return SpeedupEstimate(center, float(np.exp(interval.low)), float(np.exp(interval.high)))

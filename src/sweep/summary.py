@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.table import Table
 
 from .results import JobResult, RunStatus
 
 
-def _number(result: JobResult, metric: str, fmt: str) -> str:
-    value = result.metrics.get(metric)
+def format_number(value: float | None, fmt: str) -> str:
+    """`-` for a missing value; ∞ for an infinite one, also as MLflow stores it (the largest float64)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if abs(value) >= sys.float_info.max:
+        return "∞" if value > 0 else "-∞"
     return format(value, fmt)
+
+
+def _number(result: JobResult, metric: str, fmt: str) -> str:
+    return format_number(result.metrics.get(metric), fmt)
 
 
 def _speedup(result: JobResult) -> str:

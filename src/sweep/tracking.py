@@ -55,7 +55,7 @@ class Tracker:
         self.client.set_terminated(sweep_id, status="FAILED" if failed else "FINISHED")
 
     def log_job(self, sweep_id: str, result: JobResult) -> str:
-        tags = result.tags | {
+        tags = result.tags | non_finite_metric_tags(result.metrics) | {
             MLFLOW_PARENT_RUN_ID: sweep_id,
             "sweep_id": sweep_id,
             "sweep_role": "job",
@@ -85,6 +85,20 @@ class Tracker:
 
 def _is_nan(value: float) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+# MLflow's stores keep +-inf as +-1.7976931348623157e308 (the largest float64); report and summary print that
+# value as ∞. NaN, which a store may not keep, is not logged as a metric. Both are named in tags, so that
+# neither passes unseen.
+INFINITE_METRICS_TAG = "infinite_metrics"
+NAN_METRICS_TAG = "nan_metrics"
+
+
+def non_finite_metric_tags(metrics: dict[str, float]) -> dict[str, str]:
+    infinite = sorted(k for k, v in metrics.items() if isinstance(v, float) and math.isinf(v))
+    nan = sorted(k for k, v in metrics.items() if _is_nan(v))
+    return ({INFINITE_METRICS_TAG: ",".join(infinite)} if infinite else {}) | (
+        {NAN_METRICS_TAG: ",".join(nan)} if nan else {})
 
 
 def _ensure_sqlite_folder(uri: str) -> None:

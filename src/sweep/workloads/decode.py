@@ -15,7 +15,7 @@ from ..config import PromptConfig, WorkloadConfig
 from ..forensics import distribution_metrics
 from ..numerics import compare_outputs, reference_precision, relative_error
 from ..prompts import prompt_inputs
-from . import JobState, Sides, switched
+from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
 
 
 @dataclass
@@ -55,6 +55,10 @@ class Decode:
     def positions(self, prompt: PromptConfig) -> int:
         return prompt.length + 1
 
+    def forward_path(self, cfg: Any) -> str:
+        """`forward.use_cache` does not apply: the step always runs on its static cache."""
+        return "static_cache_step"
+
     def inputs(self, tokenizer: object, cfg: Any, device: torch.device) -> list[torch.Tensor]:
         """The cache holds input set 0's prompt; the input sets differ in the token the step feeds, the next one
         of each set's text."""
@@ -64,9 +68,13 @@ class Decode:
         self.prompt = sets[0][:, :-1]
         return [ids[:, -1:] for ids in sets]
 
-    def reference(self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype) -> Any:
+    def reference(
+        self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype, cfg: Any
+    ) -> Any:
         with reference_precision(model, reference_dtype):
-            return DecodeStep(model, self.prompt)(inputs[0]).to(device="cpu", dtype=torch.float64)
+            logits = DecodeStep(model, self.prompt)(inputs[0]).to(device="cpu", dtype=torch.float64)
+        check_reference_finite(logits, reference_dtype)
+        return logits
 
     def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return nullcontext()
@@ -78,16 +86,20 @@ class Decode:
             return Sides(baseline=baseline, kernel=None)
         with job.switch.active():
             kernel = DecodeStep(job.model, self.prompt)
-        return Sides(baseline=baseline, kernel=switched(kernel, job.switch, True))
+        return Sides(baseline=baseline, kernel=kernel)
 
-    def compare(self, job: JobState, sides: Sides) -> None:
-        baseline = sides.baseline(job.inputs[0])
+    def compare(self, job: JobState, sides: Sides) -> dict[str, float]:
+        ids = job.inputs[0]
+        baseline = sides.baseline(ids)
+        check_baseline_finite(job, baseline, lambda: sides.baseline(ids))
         if sides.kernel is None:
-            job.result.metrics["ref_err_baseline"] = relative_error(baseline, job.reference)
-            return
-        kernel = sides.kernel(job.inputs[0])
-        job.result.metrics |= compare_outputs(baseline, kernel, job.reference)
-        job.result.metrics |= distribution_metrics(baseline, kernel)
+            return {"ref_err_baseline": relative_error(baseline, job.reference)}
+        kernel_step = sides.kernel
+        assert job.switch is not None
+        with job.switch.active():
+            kernel = kernel_step(ids)
+        check_kernel_finite(job, kernel, lambda: kernel_step(ids))
+        return compare_outputs(baseline, kernel, job.reference) | distribution_metrics(baseline, kernel)
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
         """One token per sequence per step."""

@@ -18,12 +18,16 @@ from ..forensics import layer_gradients, layer_metrics, layers_png, layers_with_
 from ..numerics import error_ratio, reference_precision
 from ..prompts import prompt_inputs
 from ..results import JobResult
-from . import JobState, Sides, switched
+from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
 
 
 @dataclass
 class TrainConfig(WorkloadConfig):
     name: str = "train"
+
+
+# Where a non-finite loss or gradient comes from when every module's forward output is finite.
+AFTER_FORWARD = "the loss or the backward (every module's forward output is finite)"
 
 
 @dataclass(frozen=True)
@@ -65,20 +69,28 @@ class Train:
     def positions(self, prompt: PromptConfig) -> int:
         return prompt.length
 
+    def forward_path(self, cfg: Any) -> str:
+        """`forward.use_cache` does not apply: a training step keeps no cache."""
+        return "training_step"
+
     def inputs(self, tokenizer: object, cfg: Any, device: torch.device) -> list[torch.Tensor]:
         return prompt_inputs(tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), device)
 
-    def reference(self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype) -> Any:
+    def reference(
+        self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype, cfg: Any
+    ) -> Any:
         """The same step in `reference_dtype`. When it does not fit in the device's memory, only the metrics
         against it are lost: the note says so."""
         with trainable(model), reference_precision(model, reference_dtype):
             try:
                 loss, grads = training_step(model, inputs[0])
-                return TrainReference(float(loss), [g.to("cpu") for g in grads])
+                reference = TrainReference(float(loss), [g.to("cpu") for g in grads])
             except torch.cuda.OutOfMemoryError as error:
                 message = str(error).splitlines()[0]
-        return TrainReference(None, None, f"the {reference_dtype} reference backward does not fit: {message}; "
-                                          "grad_err_* not measured")
+                return TrainReference(None, None, f"the {reference_dtype} reference backward does not fit: "
+                                                  f"{message}; grad_err_* not measured")
+        check_reference_finite([loss, *reference.grads], reference_dtype)
+        return reference
 
     def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return trainable(model)
@@ -93,55 +105,62 @@ class Train:
         def step(input_ids: torch.Tensor) -> torch.Tensor:
             return training_step(job.model, input_ids)[1][index]
 
-        kernel = switched(step, job.switch, True) if job.switch is not None else None
-        return Sides(baseline=step, kernel=kernel)
+        return Sides(baseline=step, kernel=step if job.switch is not None else None)
 
-    def compare(self, job: JobState, sides: Sides) -> None:
-        metrics = job.result.metrics
-        base_loss, base_grads = _measured_step(job, "baseline")
+    def compare(self, job: JobState, sides: Sides) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+
+        def rerun() -> object:
+            return training_step(job.model, job.inputs[0])
+
+        base_loss, base_grads = _measured_step(job, metrics, "baseline")
+        check_baseline_finite(job, [base_loss, *base_grads], rerun, AFTER_FORWARD)
         reference: TrainReference = job.reference
         if reference.grads is None:
             job.result.tags["reference_note"] = reference.note
         else:
             metrics["grad_err_baseline"] = _gradient_error(base_grads, reference.grads, job.device)
         if job.switch is None:
-            return
+            return metrics
         with job.switch.active():
-            kernel_loss, kernel_grads = _measured_step(job, "kernel")
+            kernel_loss, kernel_grads = _measured_step(job, metrics, "kernel")
+        check_kernel_finite(job, [kernel_loss, *kernel_grads], rerun, AFTER_FORWARD)
         if job.cfg.numerics.per_layer:
             job.status("per-layer gradients")
-            _layer_table(job)
-        metrics["loss_diff"] = abs(kernel_loss - base_loss)
+            metrics |= _layer_table(job)
+        metrics["loss_diff"] = abs(float(kernel_loss) - float(base_loss))
         metrics["grad_max_rel_diff"] = max(_relative_diff(k, b, job.device) for k, b in zip(kernel_grads, base_grads))
         if reference.grads is not None:
             metrics["grad_err_kernel"] = _gradient_error(kernel_grads, reference.grads, job.device)
             metrics["grad_err_ratio"] = error_ratio(metrics["grad_err_kernel"], metrics["grad_err_baseline"])
+        return metrics
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
         return {}
 
 
-def _layer_table(job: JobState) -> None:
-    """Prefill's per-layer table of the prompt's forward, with each module's input gradient beside it."""
+def _layer_table(job: JobState) -> dict[str, float]:
+    """Prefill's per-layer table of the prompt's forward, with each module's input gradient beside it; returns
+    its metrics."""
     assert job.switch is not None
     _, _, records = traced_logits(job.model, job.switch, job.inputs[0])
     gradients = layer_gradients(job.model, job.switch, job.inputs[0], job.cfg.seed)
-    job.result.metrics |= layer_metrics(records)
-    job.result.metrics["layer_grad_err_ratio_max"] = max((g.grad_err_ratio for g in gradients), default=1.0)
     job.result.artifacts["layers/layers.csv"] = layers_with_gradients_csv(records, gradients)
     job.result.artifacts["layers/layers.png"] = layers_png(records, f"{job.result.name}: where the kernels differ")
+    return layer_metrics(records) | {"layer_grad_err_ratio_max": max((g.grad_err_ratio for g in gradients),
+                                                                       default=1.0)}
 
 
-def _measured_step(job: JobState, side: str) -> tuple[float, list[torch.Tensor]]:
-    """One step, its peak memory on CUDA (`peak_mem_mb_<side>`), its gradients moved to the host so that the
-    other side starts from the same memory."""
-    with _peak_memory(job.device, job.result, side):
+def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step, its peak memory on CUDA (`peak_mem_mb_<side>` in `metrics`), its loss and gradients moved to the
+    host so that the other side starts from the same memory."""
+    with _peak_memory(job.device, job.result, metrics, side):
         loss, grads = training_step(job.model, job.inputs[0])
-    return float(loss), [g.to("cpu") for g in grads]
+    return loss.to("cpu"), [g.to("cpu") for g in grads]
 
 
 @contextmanager
-def _peak_memory(device: torch.device, result: JobResult, side: str) -> Iterator[None]:
+def _peak_memory(device: torch.device, result: JobResult, metrics: dict[str, float], side: str) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
@@ -152,7 +171,7 @@ def _peak_memory(device: torch.device, result: JobResult, side: str) -> Iterator
     torch.cuda.reset_peak_memory_stats(device)
     yield
     torch.cuda.synchronize(device)
-    result.metrics[f"peak_mem_mb_{side}"] = torch.cuda.max_memory_allocated(device) / 2**20
+    metrics[f"peak_mem_mb_{side}"] = torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _relative_diff(values: torch.Tensor, base: torch.Tensor, device: torch.device) -> float:

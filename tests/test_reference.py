@@ -1,0 +1,75 @@
+"""The reference pass measures the model without changing it, and loading keeps transformers' float32 buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sweep.config import ModelConfig
+from sweep.models import load_model
+from sweep.numerics import forward_logits, reference_logits
+from sweep.workloads import workload
+
+SMALL_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=256, bos_token_id=2, eos_token_id=3)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: tensor.detach().clone() for name, tensor in tensors}
+
+
+def _assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype, name
+        assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.parametrize(("dtype", "reference"), [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_reference_pass_leaves_a_from_pretrained_model_bit_identical(tmp_path, dtype, reference):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMALL_LLAMA)).save_pretrained(tmp_path)
+    cfg = OmegaConf.structured(ModelConfig(name="saved", id=str(tmp_path), tokenizer="utf8"))
+    model = load_model(cfg, dtype, torch.device("cpu")).model
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # as transformers loads it
+    ids = torch.randint(0, 256, (1, 24))
+    before, logits_before = _state(model), forward_logits(model, ids)
+    reference_logits(model, ids, reference)
+    _assert_bit_identical(before, _state(model))
+    assert torch.equal(forward_logits(model, ids), logits_before)
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode", "train"])
+def test_every_workloads_reference_leaves_the_model_bit_identical(tmp_path, make_config, name):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMALL_LLAMA)).save_pretrained(tmp_path)
+    cfg = OmegaConf.structured(ModelConfig(name="saved", id=str(tmp_path), tokenizer="utf8"))
+    loaded = load_model(cfg, torch.bfloat16, torch.device("cpu"))
+    model = loaded.model
+    job = make_config(f"workload={name}", "prompt.length=24", "timing=quick")
+    work = workload(job.workload)
+    inputs = work.inputs(loaded.tokenizer, job, torch.device("cpu"))
+    before, logits_before = _state(model), forward_logits(model, inputs[0])
+    flags = [(p.requires_grad, p.grad) for p in model.parameters()]
+    reference = work.reference(model, inputs, torch.float32, job)
+    _assert_bit_identical(before, _state(model))
+    assert torch.equal(forward_logits(model, inputs[0]), logits_before)
+    assert [(p.requires_grad, p.grad) for p in model.parameters()] == flags and not model.training
+    assert reference is not None
+
+
+def test_random_init_keeps_the_buffers_transformers_keeps_in_float32():
+    architecture = {"model_type": "llama", **SMALL_LLAMA}
+    cfg = OmegaConf.structured(ModelConfig(name="small", architecture=architecture, tokenizer="utf8"))
+    model = load_model(cfg, torch.bfloat16, torch.device("cpu")).model
+    buffers = dict(model.named_buffers())
+    assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert buffers["model.rotary_emb.original_inv_freq"].dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # The same float32 draw as before, only cast: the weights do not depend on the dtype asked for.
+    full = load_model(cfg, torch.float32, torch.device("cpu")).model
+    assert torch.equal(model.lm_head.weight, full.lm_head.weight.to(torch.bfloat16))
+    assert torch.equal(buffers["model.rotary_emb.inv_freq"], full.model.rotary_emb.inv_freq)
