@@ -40,16 +40,18 @@ ROUNDED_SILU = """
 
 
 def write_kernel_repo(root: Path, name: str, layer: str, body: str, argument: str = "hidden_states",
-                      variant: str = "torch-cpu", has_backward: bool | None = None) -> Path:
+                      variant: str = "torch-cpu", has_backward: bool | None = None,
+                      can_torch_compile: bool | None = None) -> Path:
     """A kernel repository at root/name whose layer `layer` has `forward(self, argument)` running `body`;
-    `has_backward` is declared on the layer when given."""
+    `has_backward` and `can_torch_compile` are declared on the layer when given."""
     variant_dir = root / name / "build" / variant
     variant_dir.mkdir(parents=True)
     backend = "cpu" if variant == "torch-cpu" else variant.removeprefix("torch-")
     metadata = {"name": name.replace("_", "-"), "id": f"test_{name}", "version": 1, "license": "MIT",
                 "python-depends": [], "backend": {"type": backend}}
     (variant_dir / "metadata.json").write_text(json.dumps(metadata))
-    declaration = "" if has_backward is None else f"    has_backward = {has_backward}\n\n"
+    flags = {"has_backward": has_backward, "can_torch_compile": can_torch_compile}
+    declaration = "".join(f"    {flag} = {value}\n\n" for flag, value in flags.items() if value is not None)
     forward_body = textwrap.indent(textwrap.dedent(body).strip(), " " * 8)
     source = (
         f"import torch\n\n\nclass {layer}(torch.nn.Module):\n{declaration}    def forward(self, {argument}):\n"

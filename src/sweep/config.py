@@ -95,6 +95,25 @@ class WorkloadConfig:
     name: str = MISSING
 
 
+class BaselineKind(str, Enum):
+    eager = "eager"  # the kernels against the eager model
+    compile = "compile"  # also the model under torch.compile, with and without the kernels
+
+
+@dataclass
+class BaselineConfig:
+    """What a kernel is measured against (sweep/compilation.py): the eager model, or also torch.compile's."""
+
+    name: BaselineKind = BaselineKind.eager
+    # torch.compile's arguments (compile only). `mode`: default, reduce-overhead, max-autotune,
+    # max-autotune-no-cudagraphs; reduce-overhead and max-autotune use CUDA graphs of their own, which an
+    # outer capture cannot hold (the job is then timed eagerly and tagged).
+    mode: str = "default"
+    dynamic: bool | None = False  # False: shapes specialised (one compile per prompt length)
+    fullgraph: bool = False  # True: a graph break fails the job instead of falling back to Python
+    backend: str = "inductor"
+
+
 @dataclass
 class ForwardConfig:
     """The forward that is timed and compared: by default the call users make, `model(input_ids=...)`."""
@@ -119,6 +138,7 @@ class SweepConfig:
     # `kernel_specs`; the node stays open so that any layer name transformers registers can be mapped.
     kernels: dict[str, Any] = MISSING
     workload: WorkloadConfig = MISSING  # prefill, decode or train
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)  # eager or compile
     prompt: PromptConfig = field(default_factory=PromptConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)

@@ -13,6 +13,7 @@ from statistics import median
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .compilation import baseline_params, check_baseline, compiles
 from .config import (
     DeviceChoice,
     KernelsSelection,
@@ -30,7 +31,7 @@ from .kernelization import (
 )
 from .models import ModelCache, ReferenceKey, torch_dtype
 from .results import JobResult, RunStatus
-from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
+from .timing import BASELINE, KERNEL, SPEEDUP, EagerRunner, GraphRunner, RoundsResult, Runner, timed_sides
 from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
 
 StatusHook = Callable[[str], None]
@@ -63,6 +64,8 @@ def job_name(cfg: SweepConfig | DictConfig) -> str:
         name += f" B={cfg.prompt.batch_size}"
     if cfg.workload.name != "prefill":
         name += f" {cfg.workload.name}"
+    if compiles(cfg):
+        name += " compile"
     model = cfg.model.id or cfg.model.name
     return name if model == "tiny-llama" else f"{model} {name}"
 
@@ -77,12 +80,13 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
         "device": DeviceChoice(cfg.device).value,
         "timing_mode": TimingMode(cfg.timing.mode).value,
         "workload": cfg.workload.name,
-    }
+    } | baseline_params(cfg)
 
 
 def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
     """Everything that can be checked before a model is touched."""
     kernels = kernel_selection(cfg.kernels)
+    check_baseline(cfg)
     requested = DeviceChoice(cfg.device)
     if requested == DeviceChoice.cuda and not torch.cuda.is_available():
         raise SkipJob("device=cuda but no CUDA device is visible")
@@ -176,7 +180,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status, kernels)
     with work.running(model):
         sides = work.sides(job)
         status("numerics")
@@ -200,14 +204,24 @@ def _check_other_input_sets(job: JobState, sides: Sides) -> None:
             check_kernel_finite(job, kernel, partial(sides.kernel, ids))
 
 
-def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> dict[str, Runner]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
     before capture (graph): switching forwards is never inside a timed forward."""
     make = GraphRunner if mode == TimingMode.graph else EagerRunner
     if switch is None or sides.kernel is None:
-        return make(sides.baseline, inputs), None
-    return (make(sides.baseline, inputs, lambda: switch.select(False)),
-            make(sides.kernel, inputs, lambda: switch.select(True)))
+        runners = {BASELINE: make(sides.baseline, inputs)}
+    else:
+        runners = {BASELINE: make(sides.baseline, inputs, lambda: switch.select(False)),
+                   KERNEL: make(sides.kernel, inputs, lambda: switch.select(True))}
+    for side in sides.others:
+        runners[side.name] = make(side.forward, inputs, side.select)
+    return runners
+
+
+def _comparisons(sides: Sides, runners: dict[str, Runner]) -> dict[str, tuple[str, str]]:
+    """`speedup` (baseline / kernel) and the workload's own comparisons, among the sides that are timed."""
+    wanted = {SPEEDUP: (BASELINE, KERNEL), **sides.comparisons}
+    return {name: pair for name, pair in wanted.items() if set(pair) <= set(runners)}
 
 
 def _time(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
@@ -225,7 +239,7 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            baseline, kernel = _runners(mode, sides, switch, inputs)
+            runners = _runners(mode, sides, switch, inputs)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph:
                 raise
@@ -237,10 +251,11 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
         def report(rounds: RoundsResult, mode: TimingMode = mode) -> None:
             status(f"timing ({mode.value}) round {rounds.rounds}")
 
-        if isinstance(baseline, GraphRunner):
-            replay_errors = [r.replay_error for r in (baseline, kernel) if isinstance(r, GraphRunner)]
-        measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
-        del baseline, kernel
+        if mode == TimingMode.graph:
+            replay_errors = [r.replay_error for r in runners.values() if isinstance(r, GraphRunner)]
+        measured[mode] = timed_sides(runners, _comparisons(sides, runners), len(inputs), cfg.timing, plan.device,
+                                     cfg.seed, report)
+        del runners
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
     _timing_metrics(measured, result)
@@ -268,7 +283,13 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
         metrics["launch_overhead"] = median(eager.baseline_ms) / median(graph.baseline_ms)
     if primary.estimate is not None:
         metrics["latency_ms_kernel"] = median(primary.kernel_ms)
-        metrics["speedup"] = primary.estimate.speedup
-        metrics["speedup_ci_low"] = primary.estimate.low
-        metrics["speedup_ci_high"] = primary.estimate.high
-        metrics["speedup_significant"] = float(primary.estimate.significant)
+    for name, estimate in primary.estimates.items():
+        metrics[name] = estimate.speedup
+        metrics[f"{name}_ci_low"] = estimate.low
+        metrics[f"{name}_ci_high"] = estimate.high
+        metrics[f"{name}_significant"] = float(estimate.significant)
+    for side in primary.ms.keys() - {BASELINE, KERNEL}:  # the workload's other sides (the compiled model)
+        metrics[f"latency_ms_{side}"] = median(primary.ms[side])
+        if len(measured) > 1 or primary_mode == TimingMode.graph:
+            for mode, rounds in measured.items():
+                metrics[f"{prefixes[mode]}_{side}"] = median(rounds.ms[side])

@@ -16,9 +16,13 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, use_cache: b
 
     No attention mask: for an unpadded prompt transformers drops an all-ones mask (SDPA's causal path), except
     under CUDA-graph capture, where it cannot read the mask's values and would build a dense mask instead."""
-    options = {} if use_cache is None else {"use_cache": use_cache}
     with torch.inference_mode():
-        return model(input_ids=input_ids, **options).logits
+        return model(input_ids=input_ids, **forward_options(use_cache)).logits
+
+
+def forward_options(use_cache: bool | None) -> dict[str, bool]:
+    """The keyword arguments of the forward users make besides the input: `use_cache` only when one is given."""
+    return {} if use_cache is None else {"use_cache": use_cache}
 
 
 def forward_path(use_cache: bool | None) -> str:

@@ -1,6 +1,6 @@
-"""Timing: baseline and kernel interleaved in rounds (A B / B A at random), rotated over input sets, in blocks that
-each start from a fresh capture, until the speedup's interval is narrow enough or the budget is spent. CUDA-graph
-replay or eager forwards."""
+"""Timing: baseline and kernel (or more sides) interleaved in rounds (A B / B A at random), rotated over input
+sets, in blocks that each start from a fresh capture, until the intervals are narrow enough or the budget is spent.
+CUDA-graph replay or eager forwards."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ from .statistics import SpeedupEstimate, blocked_speedup
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits of the side that is selected
 Select = Callable[[], None]  # switches the model to one side (kernels on or off); never inside the timed region
+
+
+@dataclass
+class TimedSide:
+    """A side to time beside baseline and kernel (e.g. the compiled model): its forward, and how to select it
+    (kernels on or off) before running it, outside the timed region."""
+
+    name: str
+    forward: Forward
+    select: Select
 
 
 class Runner(Protocol):
@@ -167,19 +177,35 @@ class Clock:
 
 @dataclass
 class RoundsResult:
-    baseline_ms: list[float] = field(default_factory=list)
-    kernel_ms: list[float] = field(default_factory=list)
+    """The paired rounds of any number of sides: each side's milliseconds per round, and one estimate per
+    comparison (numerator side's time over denominator side's, e.g. baseline / kernel = `speedup`)."""
+
+    ms: dict[str, list[float]] = field(default_factory=dict)  # side name -> one measurement per round
     blocks: list[int] = field(default_factory=list)  # the block (capture) each round was timed in
-    estimate: SpeedupEstimate | None = None
+    estimates: dict[str, SpeedupEstimate] = field(default_factory=dict)  # comparison name -> estimate
     reps: int = 1
-    seconds: float = 0.0  # timed work only: the sum of every measurement, both sides
-    stopped_by: str = ""  # target (the interval is narrow enough), budget, max_rounds, or rounds (baseline only)
+    seconds: float = 0.0  # timed work only: the sum of every measurement, every side
+    stopped_by: str = ""  # target (every interval is narrow enough), budget, max_rounds, or rounds (one side)
 
     @property
     def rounds(self) -> int:
-        return len(self.baseline_ms)
+        return len(self.blocks)
+
+    @property
+    def baseline_ms(self) -> list[float]:
+        return self.ms.get(BASELINE, [])
+
+    @property
+    def kernel_ms(self) -> list[float]:
+        return self.ms.get(KERNEL, [])
+
+    @property
+    def estimate(self) -> SpeedupEstimate | None:
+        return self.estimates.get(SPEEDUP)
 
 
+BASELINE, KERNEL, SPEEDUP = "baseline", "kernel", "speedup"
+Comparison = tuple[str, str]  # (side whose time is the numerator, side whose time is the denominator)
 ProgressHook = Callable[[RoundsResult], None]
 
 
@@ -193,24 +219,44 @@ def timed_rounds(
     progress: ProgressHook | None = None,
     clock: Clock | None = None,
 ) -> RoundsResult:
-    """Blocks of `cfg.block_rounds` paired rounds, each block on renewed runners, until `cfg.target_ci` is met
-    (checked after each block, from `cfg.min_rounds` on), `cfg.budget_s` of timed work is spent, or
-    `cfg.max_rounds` is reached.
+    """Baseline and kernel: `timed_sides` with the comparison `speedup` = baseline / kernel. Without a kernel
+    runner the baseline alone is timed for `cfg.min_rounds` rounds."""
+    runners = {BASELINE: baseline} if kernel is None else {BASELINE: baseline, KERNEL: kernel}
+    comparisons = {} if kernel is None else {SPEEDUP: (BASELINE, KERNEL)}
+    return timed_sides(runners, comparisons, n_inputs, cfg, device, seed, progress, clock)
 
-    Without a kernel runner the baseline alone is timed for `cfg.min_rounds` rounds.
+
+def timed_sides(
+    runners: dict[str, Runner],
+    comparisons: dict[str, Comparison],
+    n_inputs: int,
+    cfg: TimingConfig,
+    device: torch.device,
+    seed: int = 0,
+    progress: ProgressHook | None = None,
+    clock: Clock | None = None,
+) -> RoundsResult:
+    """Blocks of `cfg.block_rounds` rounds, each block on renewed runners; in each round every side is timed
+    once, in random order, on the same input. Goes on until every comparison's interval meets `cfg.target_ci`
+    (checked after each block, from `cfg.min_rounds` on), `cfg.budget_s` of timed work is spent, or
+    `cfg.max_rounds` is reached. The first runner is the reference for the repetition count.
+
+    Without comparisons the sides are timed for `cfg.min_rounds` rounds.
     """
     clock = clock or Clock(device)
-    sides = [baseline] if kernel is None else [baseline, kernel]
+    names = list(runners)
+    sides = [runners[name] for name in names]
     for runner in sides:
         for index in range(n_inputs):
             runner.prepare(index)
             for _ in range(cfg.warmup):
                 runner.run()
-    baseline.prepare(0)
-    single_ms = clock.measure(baseline, 1)
-    result = RoundsResult(reps=max(1, min(100, math.ceil(cfg.min_measure_ms / max(single_ms, 1e-6)))))
+    sides[0].prepare(0)
+    single_ms = clock.measure(sides[0], 1)
+    result = RoundsResult(ms={name: [] for name in names},
+                          reps=max(1, min(100, math.ceil(cfg.min_measure_ms / max(single_ms, 1e-6)))))
     order_rng = random.Random(seed)
-    max_rounds = cfg.min_rounds if kernel is None else cfg.max_rounds
+    max_rounds = cfg.max_rounds if comparisons else cfg.min_rounds
     block = 0
     while result.rounds < max_rounds:
         if block > 0:
@@ -223,25 +269,24 @@ def timed_rounds(
             for side in order:
                 sides[side].prepare(index)
                 times[side] = clock.measure(sides[side], result.reps)
-            result.baseline_ms.append(times[0])
-            if kernel is not None:
-                result.kernel_ms.append(times[1])
+            for name, ms in zip(names, times):
+                result.ms[name].append(ms)
             result.blocks.append(block)
             result.seconds += sum(times) * result.reps / 1e3
         block += 1
         if progress is not None:
             progress(result)
-        if kernel is not None:
-            result.stopped_by = _stop_reason(result, cfg)
+        if comparisons:
+            result.stopped_by = _stop_reason(result, comparisons, cfg)
             if result.stopped_by:
                 break
-        if kernel is None and result.seconds > cfg.budget_s:
+        elif result.seconds > cfg.budget_s:
             result.stopped_by = "budget"
             break
     if not result.stopped_by:
-        result.stopped_by = "max_rounds" if kernel is not None else "rounds"
-    if kernel is not None and result.estimate is None:
-        result.estimate = blocked_speedup(result.baseline_ms, result.kernel_ms, result.blocks, cfg.confidence)
+        result.stopped_by = "max_rounds" if comparisons else "rounds"
+    if comparisons and not result.estimates:
+        result.estimates = _estimates(result, comparisons, cfg)
     return result
 
 
@@ -253,15 +298,23 @@ def _renew(sides: list[Runner], warmup: int) -> None:
             runner.run()
 
 
-def _stop_reason(result: RoundsResult, cfg: TimingConfig) -> str:
-    """Why to stop after this block ("" to go on); sets the estimate whenever it checks."""
+def _estimates(
+    result: RoundsResult, comparisons: dict[str, Comparison], cfg: TimingConfig
+) -> dict[str, SpeedupEstimate]:
+    return {name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence)
+            for name, (numerator, denominator) in comparisons.items()}
+
+
+def _stop_reason(result: RoundsResult, comparisons: dict[str, Comparison], cfg: TimingConfig) -> str:
+    """Why to stop after this block ("" to go on); sets the estimates whenever it checks. The target is met
+    when the widest interval of all comparisons is within it."""
     enough_blocks = len(set(result.blocks)) >= 2
     out_of_budget = result.seconds > cfg.budget_s and enough_blocks
     checkpoint = result.rounds >= cfg.min_rounds and enough_blocks
     last = result.rounds >= cfg.max_rounds
     if not (checkpoint or out_of_budget or last):
         return ""
-    result.estimate = blocked_speedup(result.baseline_ms, result.kernel_ms, result.blocks, cfg.confidence)
-    if result.estimate.relative_half_width <= cfg.target_ci:
+    result.estimates = _estimates(result, comparisons, cfg)
+    if max(e.relative_half_width for e in result.estimates.values()) <= cfg.target_ci:
         return "target"
     return "budget" if out_of_budget else "max_rounds" if last else ""

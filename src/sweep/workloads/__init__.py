@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -15,9 +15,10 @@ from kernels import Mode
 from ..config import PromptConfig, WorkloadConfig
 from ..errors import KernelOutputError, SkipJob
 from ..forensics import first_nonfinite_module
-from ..kernelization import KernelSwitch
+from ..kernelization import KernelSwitch, ResolvedKernel
 from ..numerics import nonfinite_count
 from ..results import JobResult
+from ..timing import Comparison, TimedSide
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # one input set -> the output the graph replay is checked on
 StatusHook = Callable[[str], None]
@@ -36,6 +37,7 @@ class JobState:
     dtype: torch.dtype  # the run's
     result: JobResult
     status: StatusHook
+    kernels: list[ResolvedKernel] = field(default_factory=list)  # what `switch` applied
 
 
 @dataclass
@@ -45,6 +47,10 @@ class Sides:
 
     baseline: Forward
     kernel: Forward | None
+    # More sides timed in the same rounds (baseline=compile: the compiled model), each selecting itself, and the
+    # comparisons between sides that are logged beside `speedup` (name -> (numerator side, denominator side)).
+    others: list[TimedSide] = field(default_factory=list)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
 
 
 class Workload(Protocol):

@@ -9,7 +9,16 @@ from typing import Any, ClassVar
 import torch
 from kernels import Mode
 
+from ..compilation import (
+    COMPILED,
+    COMPILED_KERNEL,
+    CompiledSides,
+    compile_kernel_switch,
+    compile_sides,
+    compiles,
+)
 from ..config import PromptConfig, WorkloadConfig
+from ..errors import KernelOutputError
 from ..forensics import (
     distribution_metrics,
     generation_metrics,
@@ -20,9 +29,12 @@ from ..forensics import (
 )
 from ..numerics import (
     compare_outputs,
+    error_ratio,
     forward_logits,
+    forward_options,
     forward_path,
     kernel_and_baseline_logits,
+    nonfinite_count,
     reference_logits,
     relative_error,
 )
@@ -61,13 +73,20 @@ class Prefill:
     def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return nullcontext()
 
+    def __init__(self) -> None:
+        self._compiled: CompiledSides | None = None  # baseline=compile
+
     def sides(self, job: JobState) -> Sides:
         use_cache = job.cfg.forward.use_cache
 
         def forward(input_ids: torch.Tensor) -> torch.Tensor:
             return forward_logits(job.model, input_ids, use_cache)
 
-        return Sides(baseline=forward, kernel=forward if job.switch is not None else None)
+        sides = Sides(baseline=forward, kernel=forward if job.switch is not None else None)
+        if compiles(job.cfg):
+            self._compiled = _compile(job)
+            sides.others, sides.comparisons = self._compiled.sides, self._compiled.comparisons
+        return sides
 
     def compare(self, job: JobState, sides: Sides) -> dict[str, float]:
         max_positions = getattr(job.model.config, "max_position_embeddings", None)
@@ -76,11 +95,61 @@ class Prefill:
             ids = job.inputs[0]
             baseline = sides.baseline(ids)
             check_baseline_finite(job, baseline, lambda: sides.baseline(ids))
-            return {"ref_err_baseline": relative_error(baseline, job.reference)}
-        return _numerics(job, gen_tokens)
+            metrics = {"ref_err_baseline": relative_error(baseline, job.reference)}
+        else:
+            metrics = _numerics(job, gen_tokens)
+        if self._compiled is not None:
+            metrics |= _compiled_numerics(job, self._compiled)
+        return metrics
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
-        return {}
+        return {} if self._compiled is None else {"recompiles": self._compiled.recompiles()}
+
+
+def _compile(job: JobState) -> CompiledSides:
+    """The same call as `forward_logits`, compiled without and (where they can be compiled) with the kernels."""
+    job.status("compiling")
+    model, options = job.model, forward_options(job.cfg.forward.use_cache)
+
+    # Two functions, two code objects: dynamo caches graphs per code object, so each side keeps its own.
+    def compiled_call(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, **options).logits
+
+    def compiled_call_with_kernels(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, **options).logits
+
+    compiled_switch, note = None, ""
+    if job.switch is not None:
+        compiled_switch, note = compile_kernel_switch(model, job.kernels, job.device)
+    if note:
+        job.result.tags["compiled_kernel_note"] = note
+    compiled = compile_sides(compiled_call, compiled_call_with_kernels, job.switch, compiled_switch, job.inputs[0],
+                             job.cfg.baseline)
+    job.result.metrics |= compiled.metrics
+    return compiled
+
+
+def _compiled_numerics(job: JobState, compiled: CompiledSides) -> dict[str, float]:
+    """The compiled sides against the same reference as eager (`err_ratio_*` = their error over eager's) and
+    against eager (`max_abs_diff_compiled`); the kernels inside the compiled model against it without them
+    (`max_abs_diff_compiled_kernel`)."""
+    ids = job.inputs[0]
+    eager = forward_logits(job.model, ids, job.cfg.forward.use_cache)
+    eager_error = relative_error(eager, job.reference)
+    outputs = {name: compiled.output(name, ids) for name in compiled.names}
+    for name, output in outputs.items():
+        if bad := nonfinite_count(output):
+            raise KernelOutputError(f"the {name.replace('_', ' ')} model's output has {bad} non-finite values "
+                                    "where eager's has none")
+    metrics: dict[str, float] = {}
+    for name, output in outputs.items():
+        metrics[f"ref_err_{name}"] = relative_error(output, job.reference)
+        metrics[f"err_ratio_{name}"] = error_ratio(metrics[f"ref_err_{name}"], eager_error)
+    metrics["max_abs_diff_compiled"] = float((outputs[COMPILED].double() - eager.double()).abs().max())
+    if COMPILED_KERNEL in outputs:
+        difference = outputs[COMPILED_KERNEL].double() - outputs[COMPILED].double()
+        metrics["max_abs_diff_compiled_kernel"] = float(difference.abs().max())
+    return metrics
 
 
 def _generated_tokens(cfg, max_positions: int | None, result: JobResult) -> int:

@@ -1,0 +1,195 @@
+"""The torch.compile baseline (`baseline=compile`): the model compiled with and without the kernels, each side's
+compile time, graph breaks and recompilations, and the sides and comparisons that timing measures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch._dynamo
+from kernels import Mode
+from torch._dynamo.utils import counters
+
+from .config import BaselineKind
+from .errors import JobConfigError
+from .kernelization import KernelSwitch, ResolvedKernel
+from .timing import BASELINE, KERNEL, SPEEDUP, Comparison, TimedSide
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+COMPILED, COMPILED_KERNEL = "compiled", "compiled_kernel"
+
+# name -> (side whose time is the numerator, side whose time is the denominator); > 1: the denominator is faster.
+COMPARISONS: dict[str, Comparison] = {
+    SPEEDUP: (BASELINE, KERNEL),  # the kernels against eager, as with baseline=eager
+    "compile_speedup": (BASELINE, COMPILED),  # torch.compile against eager
+    "kernel_vs_compile": (COMPILED, KERNEL),  # > 1: the kernels (in eager) beat torch.compile
+    "compiled_kernel_speedup": (COMPILED, COMPILED_KERNEL),  # the kernels inside the compiled model
+}
+
+COMPILABLE_WORKLOADS = ("prefill",)
+
+
+def compiles(cfg: Any) -> bool:
+    return BaselineKind(cfg.baseline.name) == BaselineKind.compile
+
+
+def baseline_params(cfg: Any) -> dict[str, str]:
+    """The param `baseline`, and torch.compile's options when it is `compile`."""
+    params = {"baseline": BaselineKind(cfg.baseline.name).value}
+    if compiles(cfg):
+        options = cfg.baseline
+        params |= {"compile_mode": str(options.mode), "compile_dynamic": str(options.dynamic),
+                   "compile_fullgraph": str(options.fullgraph), "compile_backend": str(options.backend)}
+    return params
+
+
+def check_baseline(cfg: Any) -> None:
+    """Before a model is touched: the compile baseline exists for the workloads that support it."""
+    if compiles(cfg) and cfg.workload.name not in COMPILABLE_WORKLOADS:
+        raise JobConfigError(f"baseline=compile is measured for workload={', '.join(COMPILABLE_WORKLOADS)}; "
+                             f"run workload={cfg.workload.name} with baseline=eager")
+
+
+@dataclass
+class DynamoCounts:
+    """torch._dynamo's process-wide counters at one moment: graphs compiled and graph breaks."""
+
+    graphs: int
+    graph_breaks: int
+
+    @classmethod
+    def now(cls) -> DynamoCounts:
+        return cls(int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values())))
+
+    def since(self, earlier: DynamoCounts) -> DynamoCounts:
+        return DynamoCounts(self.graphs - earlier.graphs, self.graph_breaks - earlier.graph_breaks)
+
+
+def compile_kernel_switch(
+    model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device
+) -> tuple[KernelSwitch | None, str]:
+    """The kernels applied through kernelize's `INFERENCE | TORCH_COMPILE` mode, or None and why not. kernelize
+    keeps the original forward of a layer that does not declare `can_torch_compile = True`; such a side would time
+    the compiled model without kernels under another name, so it is not timed."""
+    undeclared = []
+    for kernel in kernels:
+        layer = replace(kernel.repository, backend=device.type).load()  # as KernelSwitch.apply loads it
+        if not getattr(layer, "can_torch_compile", False):
+            undeclared.append(f"{kernel.layer} ({kernel.identity})")
+    if undeclared:
+        return None, (f"not timed: the kernel of {', '.join(undeclared)} does not declare can_torch_compile = True, "
+                      "so kernelize's TORCH_COMPILE mode keeps the original forward")
+    switch = KernelSwitch.apply(model, kernels, device, Mode.INFERENCE | Mode.TORCH_COMPILE)
+    missing = [layer for layer, count in switch.replaced.items() if count == 0]
+    if missing:
+        return None, f"not timed: kernelize's TORCH_COMPILE mode replaced no {', '.join(missing)}"
+    return switch, ""
+
+
+@dataclass
+class CompiledSides:
+    """The compiled model's sides, compiled (first call, timed as `compile_s_*`) when they are made: the compiled
+    model without kernels, and with the kernels where they can be compiled."""
+
+    sides: list[TimedSide]
+    deselect: Callable[[], None]  # every kernel forward off
+    metrics: dict[str, float] = field(default_factory=dict)  # compile_s_*, compiled_graphs_*, graph_breaks_*
+    after_compile: DynamoCounts = field(default_factory=DynamoCounts.now)
+
+    @property
+    def names(self) -> list[str]:
+        return [side.name for side in self.sides]
+
+    def output(self, name: str, input_ids: torch.Tensor) -> torch.Tensor:
+        """One side's output, with its kernels selected for the call only."""
+        side = next(side for side in self.sides if side.name == name)
+        side.select()
+        try:
+            return side.forward(input_ids)
+        finally:
+            self.deselect()
+
+    def recompiles(self) -> int:
+        """Graphs compiled since every side's first call: each is a recompilation (a guard failed)."""
+        return DynamoCounts.now().since(self.after_compile).graphs
+
+    @property
+    def comparisons(self) -> dict[str, Comparison]:
+        """The comparisons whose compiled sides exist (the conductor drops those without a kernel side)."""
+        timed = {BASELINE, KERNEL, *self.names}
+        return {name: pair for name, pair in COMPARISONS.items() if set(pair) <= timed}
+
+
+def compile_sides(
+    call: Callable[[torch.Tensor], torch.Tensor],
+    call_with_kernels: Callable[[torch.Tensor], torch.Tensor],
+    switch: KernelSwitch | None,
+    compiled_kernel_switch: KernelSwitch | None,
+    example: torch.Tensor,
+    options: Any,
+) -> CompiledSides:
+    """Compiles `call` (the model without kernels) and, given a switch, `call_with_kernels` (the same call, a
+    distinct function so that dynamo keeps each side's graphs apart) with torch.compile's `options`; each is
+    called once on `example` under inference mode, its compile time and dynamo's counts logged per side."""
+    torch._dynamo.reset()  # each job compiles afresh: its compile time is its own, and old graphs are freed
+    compile_options = {"mode": None if options.mode == "default" else options.mode, "dynamic": options.dynamic,
+                       "fullgraph": options.fullgraph, "backend": options.backend}
+
+    def without_kernels() -> None:
+        if switch is not None:
+            switch.select(False)
+        if compiled_kernel_switch is not None:
+            compiled_kernel_switch.select(False)
+
+    def with_kernels() -> None:
+        without_kernels()
+        assert compiled_kernel_switch is not None
+        compiled_kernel_switch.select(True)
+
+    made: list[TimedSide] = []
+    metrics: dict[str, float] = {}
+    plan = [(COMPILED, call, without_kernels, "baseline")]
+    if compiled_kernel_switch is not None:
+        plan.append((COMPILED_KERNEL, call_with_kernels, with_kernels, "kernel"))
+    for name, function, select, suffix in plan:
+        compiled = torch.compile(function, **compile_options)
+        forward = _inference(compiled)
+        select()
+        before = DynamoCounts.now()
+        started = _clock(example.device)
+        try:
+            forward(example)
+        finally:
+            without_kernels()
+        metrics[f"compile_s_{suffix}"] = started()
+        counts = DynamoCounts.now().since(before)
+        metrics[f"compiled_graphs_{suffix}"] = counts.graphs
+        metrics[f"graph_breaks_{suffix}"] = counts.graph_breaks
+        made.append(TimedSide(name, forward, select))
+    return CompiledSides(made, without_kernels, metrics)
+
+
+def _inference(compiled: Forward) -> Forward:
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return compiled(input_ids)
+
+    return forward
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Seconds from now to the call of the returned function, the device's work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+
+    def stop() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return stop
