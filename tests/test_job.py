@@ -250,7 +250,8 @@ def test_switching_kernels_is_outside_the_timed_forward(make_config, models, ker
             job = JobState(model, switch, inputs, None, cfg, cpu, torch.float32, JobResult(name, {}), print)
             sides = work.sides(job)
             switched.clear()
-            baseline, kernel_runner = _runners(TimingMode.eager, sides, switch, inputs)
+            runners = _runners(TimingMode.eager, sides, switch, inputs)
+            baseline, kernel_runner = runners["baseline"], runners["kernel"]
             kernel_runner.prepare(0)
             assert switched == [True] and all("forward" in m.__dict__ for m in switch.modules)
             ran_kernel.clear()
