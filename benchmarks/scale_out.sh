@@ -3,10 +3,12 @@
 # same sweep serially on one GPU, and the comparison. Each step fits one 10-minute call; stores stay in
 # runs/scale-out/ (a warm machine keeps them between calls) and are copied to $OUT.
 #   bash benchmarks/scale_out.sh parallel   # then: serial, then: compare
+# Extra overrides after the step go to the sweep (give both sweeps the same), e.g. `serial timing.budget_s=10` if
+# the serial sweep would not fit a 10-minute call.
 source .gpu/env.sh || exit 1
 export PYTHONPATH=src:$PYTHONPATH COLUMNS=200
 mkdir -p runs/scale-out
-grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192)
+grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192 "${@:2}")
 case "$1" in
   parallel)
     nvidia-smi -L

@@ -336,3 +336,46 @@ def test_a_sweep_on_slurm_logs_every_job_under_one_parent(tmp_path):
         assert run_.data.tags["slurm_job_id"]
         assert JOB_METRICS <= set(run_.data.metrics)
     assert len({r.data.tags["slurm_job_id"] for r in children}) == 2
+
+
+# --- on GPUs (pytest -m gpu) ---------------------------------------------------------------------------------------
+
+cuda_devices = __import__("torch").cuda.device_count() if __import__("torch").cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(cuda_devices < 1, reason="needs CUDA")
+def test_a_job_records_its_gpu_and_sees_another_process_on_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, torch; torch.ones(1, device='cuda:0'); "
+                               "print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        done = run(sweep_command(tmp_path, uri, "kernels=none", "timing=quick", "prompt.length=40", "lease.devices=1"))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        holder.kill()
+    (run_,) = runs_of(uri)[1]
+    tags = run_.data.tags
+    import torch
+    assert tags["gpu_index"] == "0" and tags["gpu_uuid"] == str(torch.cuda.get_device_properties(0).uuid)
+    if tags["gpu_contended"] == "unknown":
+        pytest.skip(f"nvidia-smi cannot tell here: {tags['gpu_contention_note']}")
+    assert tags["gpu_contended"] == "true" and f"pid {holder.pid}" in tags["gpu_other_processes"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(cuda_devices < 2, reason="needs 2 GPUs")
+def test_the_parallel_launcher_spreads_jobs_over_the_gpus_one_at_a_time(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run(sweep_command(tmp_path, uri, "-m", "dtype=bf16,fp32", "kernels=none", "prompt.length=118,1024",
+                             "timing=quick", "hydra/launcher=parallel"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = runs_of(uri)
+    assert len(children) == 4 and all(r.data.tags["run_status"] == "measured" for r in children)
+    assert len({r.data.tags["gpu_uuid"] for r in children}) == 2
+    by_device = defaultdict(list)
+    for run_ in children:
+        by_device[run_.data.tags["gpu_uuid"]].append((run_.info.start_time, run_.info.end_time))
+    assert not any(overlapping(intervals) for intervals in by_device.values())
+    assert all(r.data.tags["gpu_contended"] in ("false", "unknown") for r in children)

@@ -74,7 +74,8 @@ class SweepSession:
 
     @property
     def failed(self) -> int:
-        return max(self._failed, sum(r.status == RunStatus.failed for r in self.results))
+        """How many jobs failed, as `close` counted them in the store."""
+        return self._failed
 
     def close(self) -> None:
         wall = time.perf_counter() - self.started
@@ -84,7 +85,7 @@ class SweepSession:
         resumed = self.tracker.resumed(self.sweep_id)
         self._failed = counts[RunStatus.failed.value]
         summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
-        self.tracker.end_sweep(self.sweep_id, summary, failed=self.failed > 0)
+        self.tracker.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
         self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
         if any("err_ratio" in r.metrics for r in self.results):
             self.console.print(accuracy_table(self.results))
@@ -149,7 +150,8 @@ def _count_jobs(config: DictConfig) -> int:
 
 def _sweep_name(config: DictConfig) -> str:
     """The overrides that choose what is measured, e.g. `dtype=bf16,fp32 kernels=rms,silu,both`."""
-    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(("tracking.", "hydra.", "lease.", "resume="))]
+    how = ("tracking.", "hydra.", "lease.", "resume=")  # where and how the jobs run, not what they measure
+    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(how)]
     return " ".join(chosen) or "defaults"
 
 
