@@ -105,6 +105,17 @@ class TrackingConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """One GPU per job (sweep/lease.py): exclusive leases, file locks in `lock_dir` named after each device."""
+
+    # How many devices to lease: null = every CUDA device this process sees. Without CUDA, this many stand-in
+    # slots are leased instead (CPU jobs then never overlap either).
+    devices: int | None = None
+    lock_dir: str = "/tmp/sweep-gpu-locks"  # must be local to the host (flock), shared by all its jobs
+    poll_s: float = 1.0  # how often a waiting job retries
+
+
+@dataclass
 class SweepConfig:
     model: ModelConfig = MISSING
     dtype: DtypeConfig = MISSING
@@ -116,6 +127,9 @@ class SweepConfig:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    # Skip a combination already measured with the same configuration, machine and code (sweep/resume.py).
+    resume: bool = True
     device: DeviceChoice = DeviceChoice.auto
     seed: int = 0
 
@@ -159,5 +173,9 @@ def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
 
 
 def register_configs() -> None:
+    from .lease import worker_count
+
     store = ConfigStore.instance()
     store.store(name="sweep_schema", node=SweepConfig)
+    # conf/hydra/launcher/parallel.yaml: one local worker per leasable device.
+    OmegaConf.register_new_resolver("sweep_workers", worker_count, replace=True)

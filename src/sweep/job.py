@@ -36,6 +36,7 @@ from .kernelization import (
     check_layers_exist,
     resolve_kernel,
 )
+from .lease import contention_tags
 from .models import ModelCache, ReferenceKey, torch_dtype
 from .numerics import (
     compare_outputs,
@@ -108,6 +109,8 @@ def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(requested.value)
+    if device.type == "cuda":  # the leased GPU (sweep/lease.py sets it), by index: cached models stay apart
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch_dtype(cfg.dtype.torch_dtype)
     _check_dtype_runs(dtype, device)
     mode = TimingMode(cfg.timing.mode)
@@ -210,6 +213,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
         if switch is not None:
             with switch.active():
                 _check_kernel_finite(model, switch, forward_logits(model, ids, use_cache), ids, use_cache)
+    result.tags |= contention_tags(plan.device)
     _time(model, switch, inputs, cfg, plan, result, status)
     if plan.device.type == "cuda":
         result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20

@@ -3,11 +3,14 @@ Opened and closed by Hydra's callbacks around a run or multirun; every job of th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -17,26 +20,49 @@ from .results import JobResult, RunStatus
 from .summary import accuracy_table, summary_table
 from .tracking import Tracker
 
+# The parent run's id, set by the launching process before any job starts: jobs in other processes (local
+# workers, Slurm nodes; both inherit the environment) log their child runs under it.
+PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
+
 
 class SweepSession:
-    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None):
+    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None,
+                 sweep_id: str | None = None):
+        """Opens the sweep's parent run, or with `sweep_id` attaches to one that another process opened."""
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         self.tracker = Tracker(tracking)
-        self.sweep_id = self.tracker.start_sweep(name, tags={"total_jobs": str(total_jobs or "")})
         self.models = ModelCache()
         self.results: list[JobResult] = []
         self.total_jobs = total_jobs
         self.started = time.perf_counter()
+        self._failed = 0
+        if sweep_id is not None:
+            self.sweep_id = sweep_id
+            self.total_jobs = self.tracker.total_jobs(sweep_id)
+            return
+        self.sweep_id = self.tracker.start_sweep(name, tags={"total_jobs": str(total_jobs or "")})
         self.console.print(f"[bold]sweep[/] {name}: logging to {tracking.uri} (experiment {tracking.experiment!r})")
 
     def job_label(self, name: str, index: int | None = None) -> str:
-        """`[3/6] bf16 both T=118`; by default for the job about to run."""
+        """`[3/6] bf16 both T=118`; by default for the job about to run (its number in the multirun when there
+        is one: jobs in worker processes do not see each other)."""
         total = f"/{self.total_jobs}" if self.total_jobs else ""
-        return f"[{len(self.results) + 1 if index is None else index}{total}] {name}"
+        return f"[{index or _multirun_job_number() or len(self.results) + 1}{total}] {name}"
 
-    def record(self, result: JobResult) -> None:
-        self.tracker.log_job(self.sweep_id, result)
+    def start(self, result: JobResult, job_key: str | None) -> str:
+        """The job's child run, RUNNING until `record`; tagged with its resume key and leased GPU."""
+        tags = result.tags | ({"job_key": job_key} if job_key else {})
+        return self.tracker.start_job(self.sweep_id, result.name, result.params, tags)
+
+    def skip_measured(self, name: str, job_key: str, run_id: str) -> None:
+        """resume=true: this combination was measured before, with the same configuration, machine and code."""
+        text = f"{name}: measured in run {run_id}"
+        self.tracker.note_resumed(self.sweep_id, job_key, text)
+        self.console.print(f"{self.job_label(name)} [cyan]already measured[/] in run {run_id}, skipped (resume)")
+
+    def record(self, result: JobResult, run_id: str | None = None) -> None:
+        self.tracker.log_job(self.sweep_id, result, run_id)
         self.results.append(result)
         speed = result.metrics.get("speedup")
         detail = f"{speed:.3f}x" if speed is not None else result.reason
@@ -48,17 +74,25 @@ class SweepSession:
 
     @property
     def failed(self) -> int:
-        return sum(r.status == RunStatus.failed for r in self.results)
+        """How many jobs failed, as `close` counted them in the store."""
+        return self._failed
 
     def close(self) -> None:
         wall = time.perf_counter() - self.started
-        counts = {s.value: sum(r.status == s for r in self.results) for s in RunStatus}
-        self.tracker.end_sweep(self.sweep_id, {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall},
-                               failed=self.failed > 0)
+        # From the store: the jobs may have run in other processes or on other nodes.
+        statuses = self.tracker.job_statuses(self.sweep_id)
+        counts = {s.value: statuses.count(s.value) for s in RunStatus}
+        resumed = self.tracker.resumed(self.sweep_id)
+        self._failed = counts[RunStatus.failed.value]
+        summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
+        self.tracker.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
         self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
         if any("err_ratio" in r.metrics for r in self.results):
             self.console.print(accuracy_table(self.results))
-        self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+        if resumed:
+            self.console.print("skipped, already measured (resume=false measures them again):\n  "
+                               + "\n  ".join(resumed))
+        self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
 
 
 _current: SweepSession | None = None
@@ -69,7 +103,8 @@ def current_session(cfg: DictConfig) -> SweepSession:
     """The open session; a task run outside the callbacks (e.g. Hydra's compose API) opens one."""
     global _current
     if _current is None:
-        _current = SweepSession(_tracking(cfg), name="sweep", total_jobs=None)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        _current = SweepSession(_tracking(cfg), name="sweep", total_jobs=None, sweep_id=parent)
     return _current
 
 
@@ -80,7 +115,25 @@ def close_session() -> int:
         _current.close()
         _last_failed = _current.failed
         _current = None
+        os.environ.pop(PARENT_RUN_ENV, None)
     return _last_failed
+
+
+def abort_session(reason: str) -> None:
+    """The sweep was interrupted: its RUNNING children, wherever they ran, and its parent end KILLED."""
+    global _current
+    if _current is not None:
+        _current.tracker.kill_sweep(_current.sweep_id, reason)
+        _current.console.print(f"[red]sweep {_current.sweep_id[:8]} {reason}[/]: its runs are marked KILLED")
+        _current = None
+        os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def _multirun_job_number() -> int | None:
+    config = HydraConfig.instance().cfg
+    if config is None or config.hydra.mode != RunMode.MULTIRUN:
+        return None
+    return int(config.hydra.job.num) + 1
 
 
 def _tracking(cfg: DictConfig) -> TrackingConfig:
@@ -120,7 +173,8 @@ def _check_kernel_choices(configs: list[DictConfig]) -> None:
 
 def _sweep_name(config: DictConfig) -> str:
     """The overrides that choose what is measured, e.g. `dtype=bf16,fp32 kernels=rms,silu,both`."""
-    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(("tracking.", "hydra."))]
+    how = ("tracking.", "hydra.", "lease.", "resume=")  # where and how the jobs run, not what they measure
+    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(how)]
     return " ".join(chosen) or "defaults"
 
 
@@ -146,6 +200,7 @@ class SweepLifecycle(Callback):
         global _current
         try:
             _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+            os.environ[PARENT_RUN_ENV] = _current.sweep_id
         except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
             Console(stderr=True, soft_wrap=True).print(f"[red]sweep: cannot open the tracking store[/]: {error}")
             raise SystemExit(2) from None

@@ -9,12 +9,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from .config import TrackingConfig
 from .results import JobResult, RunStatus
+
+RESUMED_TAG_PREFIX = "resumed."  # on the parent run: one tag per combination skipped as already measured
 
 
 def check_server_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -54,7 +56,52 @@ class Tracker:
         self.client.log_batch(sweep_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
         self.client.set_terminated(sweep_id, status="FAILED" if failed else "FINISHED")
 
-    def log_job(self, sweep_id: str, result: JobResult) -> str:
+    def start_job(self, sweep_id: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        """A RUNNING child run, so that a job in progress (or killed) is visible; `log_job` completes it."""
+        tags = tags | {MLFLOW_PARENT_RUN_ID: sweep_id, "sweep_id": sweep_id, "sweep_role": "job"}
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    def kill_job(self, run_id: str, reason: str) -> None:
+        self.client.log_batch(run_id, tags=[RunTag("run_status", "killed"), RunTag("status_reason", reason)])
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def kill_sweep(self, sweep_id: str, reason: str) -> None:
+        """The sweep was interrupted: its children still RUNNING (in any process) and itself end KILLED."""
+        for run in self._children(sweep_id, "attributes.status = 'RUNNING'"):
+            self.kill_job(run.info.run_id, reason)
+        self.client.set_tag(sweep_id, "status_reason", reason)
+        self.client.set_terminated(sweep_id, status="KILLED")
+
+    def total_jobs(self, sweep_id: str) -> int | None:
+        total = self.client.get_run(sweep_id).data.tags.get("total_jobs", "")
+        return int(total) if total.isdigit() else None
+
+    def job_statuses(self, sweep_id: str) -> list[str]:
+        """`run_status` of every child of the sweep, whichever process or node logged it."""
+        return [run.data.tags.get("run_status", "running") for run in self._children(sweep_id)]
+
+    def find_measured(self, job_key: str) -> str | None:
+        """The id of a `measured` run with this resume key (sweep/resume.py), in any sweep of the experiment."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.job_key = '{job_key}' and tags.run_status = 'measured'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def note_resumed(self, sweep_id: str, job_key: str, text: str) -> None:
+        self.client.set_tag(sweep_id, f"{RESUMED_TAG_PREFIX}{job_key[:16]}", text)
+
+    def resumed(self, sweep_id: str) -> list[str]:
+        """What `note_resumed` recorded on the sweep: the combinations it skipped."""
+        tags = self.client.get_run(sweep_id).data.tags
+        return sorted(v for k, v in tags.items() if k.startswith(RESUMED_TAG_PREFIX))
+
+    def _children(self, sweep_id: str, condition: str = "") -> list:
+        query = f"tags.sweep_id = '{sweep_id}' and tags.sweep_role = 'job'" + (f" and {condition}" if condition else "")
+        return self.client.search_runs([self.experiment_id], query, max_results=50000)
+
+    def log_job(self, sweep_id: str, result: JobResult, run_id: str | None = None) -> str:
+        """Logs a finished job into its `start_job` run, or into a new child run."""
         tags = result.tags | non_finite_metric_tags(result.metrics) | {
             MLFLOW_PARENT_RUN_ID: sweep_id,
             "sweep_id": sweep_id,
@@ -62,7 +109,10 @@ class Tracker:
             "run_status": result.status.value,
             "status_reason": result.reason[:5000],
         }
-        run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags).info.run_id
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags).info.run_id
+        else:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items() if not _is_nan(v)]
         params = [Param(k, str(v)) for k, v in result.params.items()]
