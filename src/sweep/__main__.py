@@ -25,9 +25,10 @@ warnings.filterwarnings("ignore", category=UserWarning, message="register_new_re
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def sweep_job(cfg: DictConfig) -> None:
     session = current_session(cfg)
-    label = escape(session.job_label(job_name(cfg)))
+    swept = session.swept_overrides()
+    label = escape(session.job_label(job_name(cfg, swept)))
     with session.console.status(label) as spinner:
-        result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"))
+        result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"), swept=swept)
     session.record(result)
 
 

@@ -7,6 +7,9 @@ import sys
 import time
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -14,21 +17,32 @@ from rich.console import Console
 from .config import TrackingConfig
 from .models import ModelCache
 from .results import JobResult, RunStatus
-from .summary import accuracy_table, summary_table
-from .tracking import Tracker
+from .summary import accuracy_table, has_accuracy, summary_table
+from .sweep_page import Links, report_files, sweep_page
+from .tracking import DESCRIPTION_LIMIT, Tracker
 
 
 class SweepSession:
-    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None):
+    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None,
+                 swept_keys: frozenset[str] = frozenset()):
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         self.tracker = Tracker(tracking)
+        self.name, self.experiment = name, tracking.experiment
+        self.swept_keys = swept_keys
         self.sweep_id = self.tracker.start_sweep(name, tags={"total_jobs": str(total_jobs or "")})
         self.models = ModelCache()
         self.results: list[JobResult] = []
         self.total_jobs = total_jobs
         self.started = time.perf_counter()
         self.console.print(f"[bold]sweep[/] {name}: logging to {tracking.uri} (experiment {tracking.experiment!r})")
+
+    def swept_overrides(self) -> list[tuple[str, str]]:
+        """(key, override) for each override of the running job whose key this sweep varies, for `job_name`."""
+        if not self.swept_keys or not HydraConfig.initialized():
+            return []
+        job = _parse_overrides(list(HydraConfig.get().overrides.task))
+        return [(o.key_or_group, o.input_line) for o in job if o.key_or_group in self.swept_keys]
 
     def job_label(self, name: str, index: int | None = None) -> str:
         """`[3/6] bf16 both T=118`; by default for the job about to run."""
@@ -51,14 +65,30 @@ class SweepSession:
         return sum(r.status == RunStatus.failed for r in self.results)
 
     def close(self) -> None:
+        """Tables, parent run description and artifacts from the job runs the store holds, whoever logged them."""
         wall = time.perf_counter() - self.started
-        counts = {s.value: sum(r.status == s for r in self.results) for s in RunStatus}
+        jobs = self.tracker.sweep_jobs(self.sweep_id)
+        stored = list(jobs.values())
+        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
+        title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
+        if jobs:
+            page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
+                              Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
+                              report_files(self.tracker.uri, self.experiment, self.sweep_id))
+            self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts)
         self.tracker.end_sweep(self.sweep_id, {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall},
                                failed=self.failed > 0)
-        self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
-        if any("err_ratio" in r.metrics for r in self.results):
-            self.console.print(accuracy_table(self.results))
+        self.console.print(summary_table(stored, title=title))
+        if has_accuracy(stored):
+            self.console.print(accuracy_table(stored))
         self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+        self._print_way_in()
+
+    def _print_way_in(self) -> None:
+        command = self.tracker.ui_command()
+        if command:
+            self.console.print(f"browse the runs: [bold]{command}[/]", soft_wrap=True)
+        self.console.print(f"this sweep's page: {self.tracker.run_page(self.sweep_id)}", soft_wrap=True)
 
 
 _current: SweepSession | None = None
@@ -89,10 +119,19 @@ def _tracking(cfg: DictConfig) -> TrackingConfig:
 
 def _count_jobs(config: DictConfig) -> int:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = _parse_overrides(list(config.hydra.overrides.task))
     return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+
+
+def _parse_overrides(overrides: list[str]) -> list[Override]:
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _swept_keys(config: DictConfig) -> frozenset[str]:
+    """The config keys (or groups) that take several values in this invocation, e.g. `dtype`, `timing.mode`."""
+    return frozenset(o.key_or_group for o in _parse_overrides(list(config.hydra.overrides.task))
+                     if o.is_sweep_override())
 
 
 def _sweep_name(config: DictConfig) -> str:
@@ -120,7 +159,8 @@ class SweepLifecycle(Callback):
     def _open(config: DictConfig, total_jobs: int) -> None:
         global _current
         try:
-            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs,
+                                    swept_keys=_swept_keys(config))
         except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
             Console(stderr=True, soft_wrap=True).print(f"[red]sweep: cannot open the tracking store[/]: {error}")
             raise SystemExit(2) from None
