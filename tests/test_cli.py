@@ -50,7 +50,7 @@ def test_mission_command_on_cpu_skips_the_cuda_kernels_and_logs_why(tmp_path):
         assert run.data.tags["gpu_name"] == "cpu"
         assert CONTRACT_PARAMS <= set(run.data.params)
     names = sorted(r.info.run_name for r in children)
-    assert names == sorted(f"{d} {k} T=118" for d in ("bf16", "fp32") for k in ("rms", "silu", "both"))
+    assert names == sorted(f"{d} {k}" for d in ("bf16", "fp32") for k in ("rms", "silu", "both"))  # what differs
     assert "6 skipped" in done.stdout
 
 

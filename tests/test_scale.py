@@ -169,7 +169,7 @@ def test_four_writers_at_once_lose_nothing(store, tmp_path):
         assert run.info.status == "FINISHED"
         assert len(run.data.metrics) == 40
         assert run.data.tags["mlflow.parentRunId"] == sweep_id
-    assert sorted(tracker.job_statuses(sweep_id)) == ["measured"] * 40
+    assert sorted(job.status.value for job in tracker.sweep_jobs(sweep_id).values()) == ["measured"] * 40
 
 
 # --- sweeps in local worker processes ------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ warnings.filterwarnings("ignore", category=UserWarning, message="register_new_re
 def sweep_job(cfg: DictConfig) -> None:
     """One job, in whichever process the launcher runs it: lease a GPU, skip it if already measured, measure."""
     session = current_session(cfg)
-    label = escape(session.job_label(job_name(cfg)))
+    swept = session.swept_overrides()
+    label = escape(session.job_label(job_name(cfg, swept)))
     with (session.console.status(label) as spinner,
           gpu_lease(cfg.lease, waiting=lambda note: spinner.update(f"{label}: {note}")) as device):
         placement = _placement_tags() | (device.tags if device else {})
-        result = JobResult(name=job_name(cfg), params=job_params(cfg), tags=placement)
+        result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), tags=placement)
         key = _resume_key(cfg)
         previous = session.tracker.find_measured(key) if key and cfg.resume else None
         if previous is not None:
@@ -44,7 +45,8 @@ def sweep_job(cfg: DictConfig) -> None:
         run_id = session.start(result, key)
         with sigterm_raises():
             try:
-                result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"))
+                result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
+                                 swept=swept)
                 result.tags |= placement
                 session.record(result, run_id)  # inside the lease: the run's start and end bound its GPU time
             except BaseException as stop:  # Ctrl-C, SIGTERM: the run ends KILLED, never stays RUNNING

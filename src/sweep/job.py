@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -79,12 +79,24 @@ def kernels_name(cfg: SweepConfig | DictConfig) -> str:
     return "custom" if name == "none" and has_layers else name
 
 
-def job_name(cfg: SweepConfig | DictConfig) -> str:
-    name = f"{cfg.dtype.name} {kernels_name(cfg)} T={cfg.prompt.length}"
-    if cfg.prompt.batch_size != 1:
-        name += f" B={cfg.prompt.batch_size}"
-    model = cfg.model.id or cfg.model.name
-    return name if model == "tiny-llama" else f"{model} {name}"
+# The keys job_name shows in its own words, in its order; a sweep's other keys appear as their overrides.
+_NAME_ALIASES = {"model.id": "model", "model.name": "model"}
+
+
+def job_name(cfg: SweepConfig | DictConfig, swept: Sequence[tuple[str, str]] = ()) -> str:
+    """A job on its own: `bf16 rms T=118` (with the model and B= when not the defaults). A job of a sweep, given
+    `swept` = (key, override) for each of its overrides of a key the sweep varies: only what varies, e.g. `rms`,
+    `fp32 rms T=1024` or `rms timing.mode=eager`; the parent run's name says what all jobs share."""
+    model = str(cfg.model.id or cfg.model.name)
+    words = {"model": model, "dtype": cfg.dtype.name, "kernels": kernels_name(cfg),
+             "prompt.length": f"T={cfg.prompt.length}", "prompt.batch_size": f"B={cfg.prompt.batch_size}"}
+    if not swept:
+        hidden = {"model"} if model == "tiny-llama" else set()
+        hidden |= {"prompt.batch_size"} if cfg.prompt.batch_size == 1 else set()
+        return " ".join(word for key, word in words.items() if key not in hidden)
+    keys = {_NAME_ALIASES.get(key, key) for key, _ in swept}
+    others = [override for key, override in swept if _NAME_ALIASES.get(key, key) not in words]
+    return " ".join([*(word for key, word in words.items() if key in keys), *others])
 
 
 def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
@@ -136,10 +148,12 @@ def _check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
         raise SkipJob(f"{dtype} does not run on {device}: {error}") from None
 
 
-def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None) -> JobResult:
-    """Never raises for a bad combination: the result says skipped or failed, with the reason."""
+def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None,
+            swept: Sequence[tuple[str, str]] = ()) -> JobResult:
+    """Never raises for a bad combination: the result says skipped or failed, with the reason. `swept`: see
+    `job_name`."""
     started = time.perf_counter()
-    result = JobResult(name=job_name(cfg), params=job_params(cfg))
+    result = JobResult(name=job_name(cfg, swept), params=job_params(cfg))
     result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
     try:
         plan = plan_job(cfg)

@@ -10,6 +10,7 @@ class RunStatus(str, Enum):
     measured = "measured"
     skipped = "skipped"
     failed = "failed"
+    killed = "killed"  # interrupted (Ctrl-C, SIGTERM): a resumed sweep measures it again
 
 
 @dataclass

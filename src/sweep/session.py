@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -17,8 +19,9 @@ from rich.console import Console
 from .config import TrackingConfig, kernel_selection
 from .models import ModelCache
 from .results import JobResult, RunStatus
-from .summary import accuracy_table, summary_table
-from .tracking import Tracker
+from .summary import accuracy_table, has_accuracy, summary_table
+from .sweep_page import Links, report_files, sweep_page
+from .tracking import DESCRIPTION_LIMIT, Tracker
 
 # The parent run's id, set by the launching process before any job starts: jobs in other processes (local
 # workers, Slurm nodes; both inherit the environment) log their child runs under it.
@@ -27,11 +30,12 @@ PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
 
 class SweepSession:
     def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None,
-                 sweep_id: str | None = None):
+                 sweep_id: str | None = None, swept_keys: frozenset[str] = frozenset()):
         """Opens the sweep's parent run, or with `sweep_id` attaches to one that another process opened."""
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         self.tracker = Tracker(tracking)
+        self.name, self.experiment = name, tracking.experiment
         self.models = ModelCache()
         self.results: list[JobResult] = []
         self.total_jobs = total_jobs
@@ -39,10 +43,19 @@ class SweepSession:
         self._failed = 0
         if sweep_id is not None:
             self.sweep_id = sweep_id
-            self.total_jobs = self.tracker.total_jobs(sweep_id)
+            self.total_jobs, self.swept_keys = self.tracker.sweep_shape(sweep_id)
             return
-        self.sweep_id = self.tracker.start_sweep(name, tags={"total_jobs": str(total_jobs or "")})
+        self.swept_keys = swept_keys
+        self.sweep_id = self.tracker.start_sweep(
+            name, tags={"total_jobs": str(total_jobs or ""), "swept_keys": ",".join(sorted(swept_keys))})
         self.console.print(f"[bold]sweep[/] {name}: logging to {tracking.uri} (experiment {tracking.experiment!r})")
+
+    def swept_overrides(self) -> list[tuple[str, str]]:
+        """(key, override) for each override of the running job whose key this sweep varies, for `job_name`."""
+        if not self.swept_keys or not HydraConfig.initialized():
+            return []
+        job = _parse_overrides(list(HydraConfig.get().overrides.task))
+        return [(o.key_or_group, o.input_line) for o in job if o.key_or_group in self.swept_keys]
 
     def job_label(self, name: str, index: int | None = None) -> str:
         """`[3/6] bf16 both T=118`; by default for the job about to run (its number in the multirun when there
@@ -78,21 +91,36 @@ class SweepSession:
         return self._failed
 
     def close(self) -> None:
+        """Tables, parent run description and artifacts from the job runs the store holds, whoever logged them."""
         wall = time.perf_counter() - self.started
         # From the store: the jobs may have run in other processes or on other nodes.
-        statuses = self.tracker.job_statuses(self.sweep_id)
-        counts = {s.value: statuses.count(s.value) for s in RunStatus}
+        jobs = self.tracker.sweep_jobs(self.sweep_id)
+        stored = list(jobs.values())
+        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
         resumed = self.tracker.resumed(self.sweep_id)
         self._failed = counts[RunStatus.failed.value]
+        title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
+        if jobs:
+            page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
+                              Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
+                              report_files(self.tracker.uri, self.experiment, self.sweep_id))
+            self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts)
         summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
         self.tracker.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
-        self.console.print(summary_table(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"))
-        if any("err_ratio" in r.metrics for r in self.results):
-            self.console.print(accuracy_table(self.results))
+        self.console.print(summary_table(stored, title=title))
+        if has_accuracy(stored):
+            self.console.print(accuracy_table(stored))
         if resumed:
             self.console.print("skipped, already measured (resume=false measures them again):\n  "
                                + "\n  ".join(resumed))
         self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
+        self._print_way_in()
+
+    def _print_way_in(self) -> None:
+        command = self.tracker.ui_command()
+        if command:
+            self.console.print(f"browse the runs: [bold]{command}[/]", soft_wrap=True)
+        self.console.print(f"this sweep's page: {self.tracker.run_page(self.sweep_id)}", soft_wrap=True)
 
 
 _current: SweepSession | None = None
@@ -142,9 +170,8 @@ def _tracking(cfg: DictConfig) -> TrackingConfig:
 
 def _count_jobs(config: DictConfig) -> int:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = _parse_overrides(list(config.hydra.overrides.task))
     return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
 
 
@@ -152,9 +179,8 @@ def _job_configs(config: DictConfig) -> list[DictConfig]:
     """Every job's composed config, as Hydra's basic sweeper will compose them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = _parse_overrides(list(config.hydra.overrides.task))
     loader = GlobalHydra.instance().config_loader()
     return [loader.load_sweep_config(config, list(job))
             for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -169,6 +195,16 @@ def _check_kernel_choices(configs: list[DictConfig]) -> None:
         except ValueError as error:
             Console(stderr=True, soft_wrap=True).print(f"[red]sweep: invalid configuration[/]: {error}")
             raise SystemExit(2) from None
+
+
+def _parse_overrides(overrides: list[str]) -> list[Override]:
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _swept_keys(config: DictConfig) -> frozenset[str]:
+    """The config keys (or groups) that take several values in this invocation, e.g. `dtype`, `timing.mode`."""
+    return frozenset(o.key_or_group for o in _parse_overrides(list(config.hydra.overrides.task))
+                     if o.is_sweep_override())
 
 
 def _sweep_name(config: DictConfig) -> str:
@@ -199,7 +235,8 @@ class SweepLifecycle(Callback):
     def _open(config: DictConfig, total_jobs: int) -> None:
         global _current
         try:
-            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs,
+                                    swept_keys=_swept_keys(config))
             os.environ[PARENT_RUN_ENV] = _current.sweep_id
         except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
             Console(stderr=True, soft_wrap=True).print(f"[red]sweep: cannot open the tracking store[/]: {error}")

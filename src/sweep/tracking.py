@@ -6,15 +6,26 @@ import math
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from .config import TrackingConfig
 from .results import JobResult, RunStatus
+from .summary import job_description
+
+# MLflow's UI opens an experiment on its GenAI pages unless told it holds model-training runs. MLflow 3.17 reads
+# that from the page URL (`workflowType`, a switch in the sidebar); earlier 3.x UIs read this experiment tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+DEFAULT_UI_ADDRESS = "http://127.0.0.1:5000"
+DESCRIPTION_LIMIT = MAX_TAG_VAL_LENGTH  # a run's description is its `mlflow.note.content` tag
 
 RESUMED_TAG_PREFIX = "resumed."  # on the parent run: one tag per combination skipped as already measured
 
@@ -46,6 +57,7 @@ class Tracker:
         else:
             artifacts = Path(cfg.artifact_root).expanduser().resolve()
             self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def start_sweep(self, name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags | {"sweep_role": "parent"})
@@ -74,13 +86,11 @@ class Tracker:
         self.client.set_tag(sweep_id, "status_reason", reason)
         self.client.set_terminated(sweep_id, status="KILLED")
 
-    def total_jobs(self, sweep_id: str) -> int | None:
-        total = self.client.get_run(sweep_id).data.tags.get("total_jobs", "")
-        return int(total) if total.isdigit() else None
-
-    def job_statuses(self, sweep_id: str) -> list[str]:
-        """`run_status` of every child of the sweep, whichever process or node logged it."""
-        return [run.data.tags.get("run_status", "running") for run in self._children(sweep_id)]
+    def sweep_shape(self, sweep_id: str) -> tuple[int | None, frozenset[str]]:
+        """What the launching process recorded on the parent: how many jobs, and which keys the sweep varies."""
+        tags = self.client.get_run(sweep_id).data.tags
+        total = tags.get("total_jobs", "")
+        return (int(total) if total.isdigit() else None), frozenset(filter(None, tags.get("swept_keys", "").split(",")))
 
     def find_measured(self, job_key: str) -> str | None:
         """The id of a `measured` run with this resume key (sweep/resume.py), in any sweep of the experiment."""
@@ -108,6 +118,7 @@ class Tracker:
             "sweep_role": "job",
             "run_status": result.status.value,
             "status_reason": result.reason[:5000],
+            MLFLOW_RUN_NOTE: job_description(result),
         }
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, run_name=result.name, tags=tags).info.run_id
@@ -120,6 +131,54 @@ class Tracker:
         self._log_artifacts(run_id, result.artifacts)
         self.client.set_terminated(run_id, status="FAILED" if result.status == RunStatus.failed else "FINISHED")
         return run_id
+
+    def sweep_jobs(self, sweep_id: str) -> dict[str, JobResult]:
+        """The sweep's job runs as the store holds them, by run id, in the order they were logged: whichever
+        process or machine logged them. Artifacts are not read back."""
+        jobs: dict[str, JobResult] = {}
+        filter_string = f"tags.sweep_id = '{sweep_id}' and tags.sweep_role = 'job'"
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time ASC"],
+                                           page_token=token)
+            for run in page:
+                tags = run.data.tags
+                jobs[run.info.run_id] = JobResult(
+                    name=run.info.run_name, params=dict(run.data.params),
+                    status=RunStatus(tags.get("run_status", RunStatus.failed.value)),
+                    reason=tags.get("status_reason", ""), metrics=dict(run.data.metrics),
+                    tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")})
+            token = page.token
+            if not token:
+                return jobs
+
+    def describe_sweep(self, sweep_id: str, description: str, artifacts: dict[str, str | bytes]) -> None:
+        """The parent run's description (markdown, at most DESCRIPTION_LIMIT characters) and its artifacts."""
+        self.client.set_tag(sweep_id, MLFLOW_RUN_NOTE, description)
+        self._log_artifacts(sweep_id, artifacts)
+
+    def ui_command(self) -> str | None:
+        """The command that serves this store's UI; None for a tracking server, which serves it already."""
+        if self.uri.startswith(("http://", "https://")):
+            return None
+        store, prefix = self.uri, "sqlite:///"
+        if store.startswith(prefix):  # absolute, so that the command works from any directory
+            store = prefix + str(Path(store[len(prefix):]).expanduser().resolve())
+        return f"mlflow ui --backend-store-uri {store}"
+
+    def run_page(self, run_id: str) -> str:
+        """The address of the run's page in the UI, opened on model-training runs."""
+        address = self.uri.rstrip("/") if self.ui_command() is None else DEFAULT_UI_ADDRESS
+        return f"{address}/{self.run_link(run_id)}"
+
+    def run_link(self, run_id: str) -> str:
+        """The run's page relative to the UI's address, for links inside the UI (run descriptions)."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}?{UI_WORKFLOW_QUERY}"
+
+    @staticmethod
+    def artifact_link(run_id: str, path: str) -> str:
+        """A run's artifact file relative to the UI's address, e.g. for an image in a run description."""
+        return "get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
 
     def _log_artifacts(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
         with tempfile.TemporaryDirectory() as folder:
