@@ -1,0 +1,184 @@
+"""A sweep that survives: out of memory, kernels that raise, sticky CUDA errors, a tracking server that goes away
+(a real `mlflow server` on 127.0.0.1, stopped and restarted), bad input refused at start-up, and no secret in
+what is logged. On the CPU, with kernel repositories written by the tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, local_kernel
+from kernel_repos import EXACT_RMSNORM, failing_rmsnorm, write_kernel_repo
+from mlflow.tracking import MlflowClient
+from test_server import LOCAL_ENV, _stop, free_port, http
+
+from sweep.config import TrackingConfig
+from sweep.job import run_job
+from sweep.kernelization import kernel_layers
+from sweep.models import ModelCache
+from sweep.results import SCHEMA_VERSION, JobResult, RunStatus
+from sweep.spool import Spool, SpoolEntry
+from sweep.tracking import worst_case_request_wait_s
+
+# A 4-layer Llama as thin as possible: 9 RMSNorms and 4 SiLUs like tiny-llama, a fraction of its time.
+THIN_MODEL = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
+              "model.architecture.num_attention_heads=2", "model.architecture.num_key_value_heads=2"]
+FAST = ["dtype=fp32", "prompt.length=40", "timing=quick", "numerics.gen_tokens=0", "numerics.per_layer=false",
+        *THIN_MODEL]
+RMSNORMS = 9  # RMSNorm forwards per model forward; numerics without per-layer or generation runs one forward
+OOM = ('torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of '
+       '79.19 GiB of which 1.50 GiB is free.")')
+DEVICE_ASSERT = 'RuntimeError("CUDA error: device-side assert triggered")'
+
+
+def kernel_choice(conf: Path, name: str, repo: Path, layer: str = "ExactRMSNorm") -> None:
+    (conf / "kernels").mkdir(parents=True, exist_ok=True)
+    (conf / "kernels" / f"{name}.yaml").write_text(f"name: {name}\nRMSNorm: {{layer_name: {layer}, path: {repo}}}\n")
+
+
+def sweep_command(tmp_path: Path, *args: str, tracking_uri: str | None = None) -> list[str]:
+    uri = tracking_uri or f"sqlite:///{tmp_path}/mlflow.db"
+    return [sys.executable, "-m", "sweep", *args, f"tracking.uri={uri}", f"tracking.artifact_root={tmp_path}/artifacts",
+            f"tracking.spool_dir={tmp_path}/spool", f"hydra.sweep.dir={tmp_path}/hydra",
+            f"hydra.run.dir={tmp_path}/hydra"]
+
+
+def run_sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(sweep_command(tmp_path, *args), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, env=LOCAL_ENV, stdin=subprocess.DEVNULL)
+
+
+def job_runs(uri: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("kernel-sweep")
+    runs = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'job'", order_by=["attributes.start_time"])
+    return sorted(runs, key=lambda r: r.data.metrics.get("job_index", r.info.start_time))
+
+
+# --- the record ----------------------------------------------------------------------------------------------------
+
+
+def test_a_job_result_survives_the_round_trip_through_json():
+    result = JobResult(name="fp32 rms T=40", params={"dtype": "fp32"}, status=RunStatus.failed, reason="why",
+                       metrics={"speedup": 1.25, "err_ratio": math.inf, "kl_div": math.nan},
+                       tags={"run_status": "failed"}, artifacts={"config.yaml": "a: 1\n", "layers/l.png": b"\x89PNG\0"})
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["schema_version"] == SCHEMA_VERSION
+    back = JobResult.from_dict(record)
+    assert back.artifacts == result.artifacts and back.uid == result.uid and back.ended_ms == result.ended_ms
+    assert back.metrics["err_ratio"] == math.inf and math.isnan(back.metrics["kl_div"])
+    assert (back.name, back.params, back.status, back.reason, back.tags) == (
+        result.name, result.params, result.status, result.reason, result.tags)
+    with pytest.raises(ValueError, match="schema version 0"):
+        JobResult.from_dict(record | {"schema_version": 0})
+
+
+def test_the_default_retries_bound_each_request_to_32_seconds():
+    assert worst_case_request_wait_s(TrackingConfig()) == 32  # 3 attempts x 10 s + one 2 s back-off
+
+
+# --- out of memory, kernels that raise, sticky CUDA errors ---------------------------------------------------------
+
+
+def assert_pristine(models: ModelCache, cfg) -> None:
+    """No kernel forward is left on the cached model."""
+    loaded = models.get(cfg.model, torch.float32, torch.device("cpu"))
+    assert all("forward" not in module.__dict__ for module in kernel_layers(loaded.model))
+
+
+@pytest.mark.parametrize(("at_call", "phase"), [(1, "numerics"), (RMSNORMS + 1, "timing")])
+def test_out_of_memory_in_a_kernel_fails_its_job_and_the_next_job_measures(make_config, tmp_path, at_call, phase):
+    models = ModelCache()
+    oom = write_kernel_repo(tmp_path, f"oom_{at_call}", "ExactRMSNorm", failing_rmsnorm(OOM, at_call))
+    exact = write_kernel_repo(tmp_path, f"exact_{at_call}", "ExactRMSNorm", EXACT_RMSNORM)
+    failed = run_job(make_config(*FAST, "kernels=none", *local_kernel("RMSNorm", oom, "ExactRMSNorm")), models)
+    assert failed.status == RunStatus.failed
+    assert failed.reason.startswith(f"out of GPU memory in {phase}: needed 20.00 GiB, free 1.50 GiB"), failed.reason
+    assert failed.tags["failure_kind"] == "out_of_memory" and failed.tags["failure_phase"] == phase
+    assert "OutOfMemoryError" in failed.artifacts["traceback.txt"]
+    assert failed.metrics[f"phase_s_{phase}"] > 0
+    assert models._loaded is None  # the cache was dropped
+    cfg = make_config(*FAST, "kernels=none", *local_kernel("RMSNorm", exact, "ExactRMSNorm"))
+    after = run_job(cfg, models)
+    assert after.status == RunStatus.measured, after.reason
+    assert after.metrics["kernelized_RMSNorm"] == RMSNORMS and after.metrics["max_abs_diff"] == 0.0
+    assert {"phase_s_load", "phase_s_reference", "phase_s_kernelize", "phase_s_numerics", "phase_s_timing"} <= set(
+        after.metrics)
+    assert_pristine(models, cfg)
+
+
+@pytest.mark.parametrize(("target", "phase"), [("sweep.models.load_model", "load"),
+                                               ("sweep.job.reference_logits", "reference")])
+def test_out_of_memory_while_loading_or_in_the_reference_names_the_phase(make_config, monkeypatch, target, phase):
+    """Fault injection: the model loader or the reference forward raises torch's out-of-memory error (the GPU
+    evidence provokes it for real)."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 3.25 GiB is free.")
+
+    monkeypatch.setattr(target, out_of_memory)
+    models = ModelCache()
+    result = run_job(make_config(*FAST, "kernels=none"), models)
+    assert result.reason.startswith(f"out of GPU memory in {phase}: needed 64.00 GiB, free 3.25 GiB")
+    assert models._loaded is None
+    monkeypatch.undo()
+    assert run_job(make_config(*FAST, "kernels=none"), models).status == RunStatus.measured
+
+
+@pytest.mark.parametrize(("at_call", "phase"), [(1, "numerics"), (10, "timing"), (4 * RMSNORMS, "timing")])
+def test_a_kernel_raising_in_its_forward_fails_only_its_job(make_config, tmp_path, at_call, phase):
+    models = ModelCache()
+    broken = write_kernel_repo(tmp_path, f"broken_{at_call}", "ExactRMSNorm",
+                               failing_rmsnorm('ValueError("kernel bug at call %d" % _calls)', at_call))
+    cfg = make_config(*FAST, "kernels=none", *local_kernel("RMSNorm", broken, "ExactRMSNorm"))
+    failed = run_job(cfg, models)
+    assert failed.status == RunStatus.failed
+    assert failed.reason == f"ValueError: kernel bug at call {at_call}"
+    assert failed.tags["failure_kind"] == "error" and failed.tags["failure_phase"] == phase
+    assert "raise ValueError" in failed.artifacts["traceback.txt"]
+    assert_pristine(models, cfg)  # switched back: the baseline of the next job runs the model's own forwards
+    after = run_job(make_config(*FAST, "kernels=none"), models)
+    assert after.status == RunStatus.measured, after.reason
+
+
+def test_a_sticky_cuda_error_fails_the_later_jobs_of_the_process(tmp_path):
+    conf = tmp_path / "conf"
+    kernel_choice(conf, "exact", write_kernel_repo(tmp_path, "sticky_exact", "ExactRMSNorm", EXACT_RMSNORM))
+    kernel_choice(conf, "asserts", write_kernel_repo(tmp_path, "sticky", "ExactRMSNorm",
+                                                     failing_rmsnorm(DEVICE_ASSERT, 1)))
+    done = run_sweep(tmp_path, "--config-dir", str(conf), "-m", *FAST, "kernels=exact,asserts",
+                     "prompt.length=40,41")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = job_runs(f"sqlite:///{tmp_path}/mlflow.db")
+    by_name = {r.info.run_name: r.data.tags for r in runs}
+    assert by_name["fp32 exact T=40"]["run_status"] == "measured"
+    assert by_name["fp32 asserts T=40"]["run_status"] == "failed"
+    assert "device-side assert" in by_name["fp32 asserts T=40"]["status_reason"]
+    for later in ("fp32 exact T=41", "fp32 asserts T=41"):
+        assert by_name[later]["run_status"] == "failed"
+        assert by_name[later]["status_reason"].startswith("CUDA context lost after fp32 asserts T=40")
+        assert by_name[later]["failure_kind"] == "cuda_context_lost"
+    assert "1 measured, 0 skipped, 3 failed" in done.stdout
+
+
+def test_an_oom_between_two_jobs_in_a_sweep(tmp_path):
+    """The CPU stand-in of the GPU evidence: measured, out of memory, measured; exit 1, all three logged."""
+    conf = tmp_path / "conf"
+    kernel_choice(conf, "a_fits", write_kernel_repo(tmp_path, "fits_a", "ExactRMSNorm", EXACT_RMSNORM))
+    kernel_choice(conf, "b_oom", write_kernel_repo(tmp_path, "oom_b", "ExactRMSNorm", failing_rmsnorm(OOM, 1)))
+    kernel_choice(conf, "c_fits", write_kernel_repo(tmp_path, "fits_c", "ExactRMSNorm", EXACT_RMSNORM))
+    done = run_sweep(tmp_path, "--config-dir", str(conf), "-m", *FAST, "kernels=a_fits,b_oom,c_fits")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    statuses = {r.data.params["kernels"]: (r.data.tags["run_status"], r.data.tags["status_reason"])
+                for r in job_runs(f"sqlite:///{tmp_path}/mlflow.db")}
+    assert statuses["a_fits"][0] == statuses["c_fits"][0] == "measured"
+    assert statuses["b_oom"] == ("failed", statuses["b_oom"][1])
+    assert statuses["b_oom"][1].startswith("out of GPU memory in numerics: needed 20.00 GiB, free 1.50 GiB")
+    assert "2 measured, 0 skipped, 1 failed" in done.stdout
