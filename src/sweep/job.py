@@ -42,6 +42,7 @@ from .numerics import (
     relative_error,
 )
 from .prompts import prompt_inputs
+from .redaction import redact_text
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
 
@@ -137,7 +138,7 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
     CUDA error (tag failure_kind=cuda_context_lost) nothing more can run in this process."""
     started = time.perf_counter()
     result = JobResult(name=job_name(cfg), params=job_params(cfg))
-    result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
     phases = Phases(result.metrics)
     failure = None
     device = torch.device("cpu")
@@ -170,7 +171,7 @@ def context_lost_result(cfg: SweepConfig | DictConfig, failed_job: str) -> JobRe
                      "memory access, launch failure) leaves this process unable to measure; rerun this "
                      "combination in a new sweep")
     result.tags["failure_kind"] = FailureKind.cuda_context_lost.value
-    result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
     return result
 
 

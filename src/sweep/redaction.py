@@ -3,8 +3,12 @@ are replaced by `***` in everything sweep logs (params, tags, run names, descrip
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from typing import TypeVar
+
+Record = TypeVar("Record")
 
 MASK = "***"
 # A key or environment variable whose name says it holds a secret.
@@ -43,3 +47,16 @@ def redact_text(text: str) -> str:
 def redact_mapping(values: dict[str, str]) -> dict[str, str]:
     """Params or tags: a secret-named key keeps its name and loses its value; every value is redacted."""
     return {key: MASK if SECRET_NAME.search(key) else redact_text(value) for key, value in values.items()}
+
+
+def redact_record(result: Record) -> Record:
+    """A copy of a JobResult with its name, reason, params, tags and text artifacts redacted."""
+    return dataclasses.replace(
+        result,  # type: ignore[type-var]
+        name=redact_text(result.name),  # type: ignore[attr-defined]
+        reason=redact_text(result.reason),  # type: ignore[attr-defined]
+        params=redact_mapping(result.params),  # type: ignore[attr-defined]
+        tags=redact_mapping(result.tags),  # type: ignore[attr-defined]
+        artifacts={path: content if isinstance(content, bytes) else redact_text(content)
+                   for path, content in result.artifacts.items()},  # type: ignore[attr-defined]
+    )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import TrackingConfig
-from .redaction import MASK, redact_uri
+from .redaction import MASK, redact_record, redact_uri
 from .results import JobResult
 from .spool import Spool, SpoolEntry
 from .tracking import Tracker
@@ -72,7 +72,7 @@ class Delivery:
         self.store_down = False
 
     def log_job(self, sweep_id: str, result: JobResult) -> None:
-        self._deliver(self._entry("job", sweep_id, result=result), f"job {result.name!r}")
+        self._deliver(self._entry("job", sweep_id, result=redact_record(result)), f"job {result.name!r}")
 
     def end_sweep(self, sweep_id: str, summary: dict[str, float], failed: bool) -> None:
         self._deliver(self._entry("sweep_end", sweep_id, summary=summary, failed=failed), "the end of the sweep")

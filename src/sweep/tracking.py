@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def configure_http_retries(cfg: TrackingConfig) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.http_timeout_s)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(cfg.http_backoff_factor)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
+    # MLflow prints each run's URL, with the tracking URI's credentials if it has any.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def worst_case_request_wait_s(cfg: TrackingConfig) -> float:
@@ -42,8 +45,8 @@ def check_server_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Raises ConnectionError for an http(s) store that does not answer: MLflow would retry for minutes."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        urllib.request.urlopen(uri, timeout=timeout_s).close()
+    try:  # without the URI's credentials: urllib does not take them, and any answer will do
+        urllib.request.urlopen(_without_credentials(uri), timeout=timeout_s).close()
     except urllib.error.HTTPError:
         pass  # the server answered; MLflow reports any real problem
     except (urllib.error.URLError, OSError) as error:
@@ -122,6 +125,11 @@ class Tracker:
                 else:
                     local.write_text(redact_text(content))
             self.client.log_artifacts(run_id, folder)
+
+
+def _without_credentials(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_nan(value: float) -> bool:
