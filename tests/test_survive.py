@@ -182,3 +182,96 @@ def test_an_oom_between_two_jobs_in_a_sweep(tmp_path):
     assert statuses["b_oom"] == ("failed", statuses["b_oom"][1])
     assert statuses["b_oom"][1].startswith("out of GPU memory in numerics: needed 20.00 GiB, free 1.50 GiB")
     assert "2 measured, 0 skipped, 1 failed" in done.stdout
+
+
+# --- bad input is refused before any job runs ----------------------------------------------------------------------
+
+
+def _no_build_dir(tmp_path: Path) -> Path:
+    (tmp_path / "not-a-kernel").mkdir()
+    return tmp_path / "not-a-kernel"
+
+
+# Every refusal, with what its message must say. `{tmp}` is the test's folder.
+REFUSALS = [
+    (["prompt.lenght=5"], "unknown key 'prompt.lenght': prompt has text, length, batch_size"),
+    (["timing.budget=3"], "timing has mode, target_ci, budget_s"),
+    (["dtype=bf17"], "Available options in 'dtype'"),
+    (["-m", "dtype=fp32,bf17"], "Could not find 'dtype/bf17'"),  # the second job of a multirun
+    (["timing.target_ci=narrow"], "target_ci"),  # a wrong type
+    (["-m", "prompt.length=40,0"], "prompt.length=0 is below 1"),
+    (["prompt.batch_size=0"], "prompt.batch_size=0 is below 1"),
+    (["prompt.text="], "prompt.text is empty"),
+    (["kernels.source=nowhere"], "kernels.source='nowhere' is not one of: auto, hub, bundled"),
+    (["+kernels.RMSNorm={path: {tmp}/not-a-kernel, layer_name: X}"], "has no build/ folder"),
+    (["+kernels.RMSNorm={path: /does/not/exist, layer_name: X}"], "is not a directory"),
+    (["kernels.RMSNorm.repo_id=not//a/hub id"], "is not a valid Hub id"),
+    (["kernels.RMSNorm.repo_id=liger-kernels"], "has no organisation"),
+    (["model.id=/no/such/model"], "model.id=/no/such/model is not a directory"),
+    (["tracking.uri=http://127.0.0.1:9"], "cannot reach MLflow server http://127.0.0.1:9"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
+def test_bad_input_is_refused_with_exit_2_and_nothing_logged(tmp_path, overrides, message):
+    _no_build_dir(tmp_path)
+    args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    done = run_sweep(tmp_path, *args) if "tracking.uri" not in args[0] else subprocess.run(
+        [sys.executable, "-m", "sweep", *args, f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300, env=LOCAL_ENV)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert message in " ".join((done.stdout + done.stderr).split()), done.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_prompt_the_tokenizer_turns_into_no_tokens_fails_and_says_how_to_fix_it(make_config, tmp_path):
+    """A saved model whose tokenizer maps every character to nothing: the prompt builder looped forever."""
+    from tokenizers import Regex, Tokenizer, models, normalizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    config = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "model")
+    result = run_job(make_config(*FAST, "kernels=none", f"model.id={tmp_path / 'model'}", "model.name=saved",
+                                 "model.tokenizer=hub"), ModelCache())
+    assert result.status == RunStatus.failed
+    assert "into no tokens" in result.reason and "model.tokenizer=utf8" in result.reason
+    assert result.tags["failure_phase"] == "load"
+
+
+# --- safety --------------------------------------------------------------------------------------------------------
+
+
+def test_trusting_remote_code_is_per_layer_opt_in_passed_to_kernels_and_recorded(make_config, tmp_path, kernel_repos,
+                                                                                  monkeypatch):
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.file_download import repo_folder_name
+    from kernels import LayerRepository
+
+    from sweep.config import KernelSourceMode, kernel_selection
+    from sweep.kernelization import resolve_kernel
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / repo_folder_name(repo_id="someone/untrusted-rms", repo_type="kernel")
+    import shutil
+    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for opt_in in (False, True):
+        spec = {"repo_id": "someone/untrusted-rms", "layer_name": "ExactRMSNorm", "version": 1,
+                "trust_remote_code": opt_in}
+        selection = kernel_selection({"source": "hub", "RMSNorm": spec})
+        kernel = resolve_kernel("RMSNorm", selection.specs["RMSNorm"], KernelSourceMode.hub)
+        assert kernel.repository == LayerRepository("someone/untrusted-rms", layer_name="ExactRMSNorm",
+                                                    revision=commit, trust_remote_code=opt_in)
+    result = run_job(make_config(*FAST, "kernels=none", "kernels.source=hub",
+                                 "+kernels.RMSNorm={repo_id: someone/untrusted-rms, layer_name: ExactRMSNorm, "
+                                 "version: 1, trust_remote_code: true}"), ModelCache())
+    assert result.status == RunStatus.measured, result.reason
+    assert result.tags["kernel_trust_remote_code_RMSNorm"] == "true"
