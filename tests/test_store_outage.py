@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,8 +70,9 @@ def restartable_server(root: Path) -> Iterator[RestartableServer]:
         server.stop()
 
 
-def sweep_with_outage(tmp_path: Path, server: RestartableServer, uri: str, jobs: list[str],
-                      restart_at: str | None, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+def sweep_with_outage(tmp_path: Path, server: RestartableServer, uri: str, jobs: list[str], restart_at: str | None,
+                      env: dict[str, str] | None = None, while_stopped: Callable[[], None] = lambda: None,
+                      ) -> tuple[int, str, float]:
     """Runs the sweep, stops the server once the first job is logged, starts it again once `restart_at` appears
     in the output (never if None). The sweep is paused (SIGSTOP) while the server stops or starts, so that the
     outage falls between the same jobs on a slow machine as on a fast one. Returns exit code, output, seconds."""
@@ -86,6 +87,7 @@ def sweep_with_outage(tmp_path: Path, server: RestartableServer, uri: str, jobs:
         if line.startswith("[1/") and server.process is not None:
             with paused(process):
                 server.stop()
+                while_stopped()
         elif restart_at and restart_at in line and server.process is None:
             with paused(process):
                 server.start()
@@ -163,3 +165,16 @@ def test_a_spool_left_by_a_sweep_is_uploaded_by_sweep_sync_and_holds_no_secret(t
                 logged += Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
                 assert "prompt.text" not in logged and "text: Hi ***" in logged
             assert SECRET_PASSWORD not in logged and SECRET_TOKEN not in logged, logged
+
+
+def test_a_lost_store_and_an_unwritable_spool_stop_the_sweep_with_exit_3(tmp_path):
+    spool = tmp_path / "spool"
+    with restartable_server(tmp_path / "server") as server:
+        code, out, _ = sweep_with_outage(tmp_path, server, server.url, ["prompt.length=40,41,42"], restart_at=None,
+                                         while_stopped=lambda: spool.write_text("a file where the spool should be"))
+        assert code == 3, out[-4000:]
+        assert "cannot finish" in out and "cannot write the spool" in out
+        server.start()
+        parents, children = store_runs(server.url)
+    assert [r.info.run_name for r in children] == ["fp32 none T=40"]  # the jobs after it never ran
+    assert len(parents) == 1

@@ -224,7 +224,8 @@ def test_bad_input_is_refused_with_exit_2_and_nothing_logged(tmp_path, overrides
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_prompt_the_tokenizer_turns_into_no_tokens_fails_and_says_how_to_fix_it(make_config, tmp_path):
+@pytest.fixture
+def model_without_tokens(tmp_path: Path) -> Path:
     """A saved model whose tokenizer maps every character to nothing: the prompt builder looped forever."""
     from tokenizers import Regex, Tokenizer, models, normalizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -235,7 +236,21 @@ def test_a_prompt_the_tokenizer_turns_into_no_tokens_fails_and_says_how_to_fix_i
     backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     backend.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
     PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "model")
-    result = run_job(make_config(*FAST, "kernels=none", f"model.id={tmp_path / 'model'}", "model.name=saved",
+    return tmp_path / "model"
+
+
+def test_a_prompt_the_tokenizer_turns_into_no_tokens_is_refused_at_start_up(tmp_path, model_without_tokens):
+    done = run_sweep(tmp_path, *FAST, "kernels=none", f"model.id={model_without_tokens}", "model.name=saved",
+                     "model.tokenizer=hub")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "into no tokens" in done.stderr and "model.tokenizer=utf8" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_prompt_the_tokenizer_turns_into_no_tokens_fails_and_says_how_to_fix_it(make_config, tmp_path,
+                                                                                   model_without_tokens):
+    """The job itself (e.g. a Hub model, whose tokenizer start-up does not load) fails instead of looping."""
+    result = run_job(make_config(*FAST, "kernels=none", f"model.id={model_without_tokens}", "model.name=saved",
                                  "model.tokenizer=hub"), ModelCache())
     assert result.status == RunStatus.failed
     assert "into no tokens" in result.reason and "model.tokenizer=utf8" in result.reason

@@ -4,17 +4,21 @@ refused whole (exit 2), with messages that say how to fix each problem."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
+from transformers import AutoConfig
 
-from .config import KernelSourceMode, SweepConfig, kernel_selection
+from .config import KernelSourceMode, ModelConfig, PromptConfig, SweepConfig, kernel_selection
 from .errors import JobConfigError
-from .models import torch_dtype
+from .models import load_tokenizer, torch_dtype
+from .prompts import prompt_inputs
 
 TOKENIZERS = ("auto", "utf8", "hub")
 INIT_DEVICES = ("cpu", "device")
@@ -99,6 +103,7 @@ def job_problems(cfg: DictConfig) -> list[str]:
         except JobConfigError as error:
             problems.append(f"dtype.{key}: {error}; use a torch dtype name such as bfloat16, float16, float32")
     problems += _model_problems(cfg.model)
+    problems += _prompt_token_problems(cfg.model.id, cfg.model.name, cfg.model.tokenizer, prompt.text, prompt.length)
     problems += _kernel_problems(cfg.kernels)
     return problems
 
@@ -122,6 +127,22 @@ def _model_problems(model: DictConfig) -> list[str]:
     else:
         problems += _hub_id_problem("model.id", model.id, needs_org=False)
     return problems
+
+
+@functools.cache
+def _prompt_token_problems(model_id: str | None, name: str, tokenizer: str, text: str, length: int) -> list[str]:
+    """For a model in a local directory, its tokenizer (no weights needed) must turn the prompt into tokens."""
+    if model_id is None or not text or length < 1 or not Path(model_id).expanduser().is_dir():
+        return []
+    try:
+        vocab_size = AutoConfig.from_pretrained(model_id).vocab_size
+        loaded = load_tokenizer(ModelConfig(name=name, id=model_id, tokenizer=tokenizer), vocab_size)
+        prompt_inputs(loaded, PromptConfig(text=text, length=length, batch_size=1), 1, torch.device("cpu"))
+    except JobConfigError as error:
+        return [f"model.id={model_id}: {error}"]
+    except Exception:  # anything else is the job's to report, with the model at hand
+        return []
+    return []
 
 
 def _kernel_problems(kernels: DictConfig) -> list[str]:
