@@ -134,8 +134,8 @@ def test_a_server_that_goes_away_mid_sweep_loses_nothing(tmp_path):
 def test_a_spool_left_by_a_sweep_is_uploaded_by_sweep_sync_and_holds_no_secret(tmp_path):
     with restartable_server(tmp_path / "server") as server:
         uri = f"http://sweeper:{SECRET_PASSWORD}@127.0.0.1:{server.port}"
-        code, out, _ = sweep_with_outage(tmp_path, server, uri, ["prompt.length=40,41", f"prompt.text=Hi {SECRET_TOKEN} "],
-                                         restart_at=None, env={"HF_TOKEN": SECRET_TOKEN})
+        jobs = ["prompt.length=40,41", f"prompt.text=Hi {SECRET_TOKEN} "]
+        code, out, _ = sweep_with_outage(tmp_path, server, uri, jobs, restart_at=None, env={"HF_TOKEN": SECRET_TOKEN})
         assert code == 0, out[-4000:]  # every job measured; what the store missed is safe in the spool
         spooled = sorted((tmp_path / "spool").glob("*.json"))
         kinds = [json.loads(p.read_text())["kind"] for p in spooled]

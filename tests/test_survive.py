@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,13 @@ import torch
 from conftest import REPO_ROOT, local_kernel
 from kernel_repos import EXACT_RMSNORM, failing_rmsnorm, write_kernel_repo
 from mlflow.tracking import MlflowClient
-from test_server import LOCAL_ENV, _stop, free_port, http
+from test_server import LOCAL_ENV
 
 from sweep.config import TrackingConfig
 from sweep.job import run_job
 from sweep.kernelization import kernel_layers
 from sweep.models import ModelCache
 from sweep.results import SCHEMA_VERSION, JobResult, RunStatus
-from sweep.spool import Spool, SpoolEntry
 from sweep.tracking import worst_case_request_wait_s
 
 # A 4-layer Llama as thin as possible: 9 RMSNorms and 4 SiLUs like tiny-llama, a fraction of its time.

@@ -133,10 +133,6 @@ def _job_overrides(config: DictConfig) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def _count_jobs(config: DictConfig) -> int:
-    return len(_job_overrides(config))
-
-
 def _compose_jobs(config: DictConfig) -> list[tuple[str, DictConfig | Exception]]:
     """Each job's configuration, composed as the launcher will (an error instead where it cannot be)."""
     from hydra.core.global_hydra import GlobalHydra

@@ -87,7 +87,8 @@ class Delivery:
         return report
 
     def _entry(self, kind: str, sweep_id: str, **content: object) -> SpoolEntry:
-        return SpoolEntry(kind, redact_uri(self.tracker.uri), self.tracker.experiment, sweep_id, **content)  # type: ignore[arg-type]
+        uri = redact_uri(self.tracker.uri)
+        return SpoolEntry(kind, uri, self.tracker.experiment, sweep_id, **content)  # type: ignore[arg-type]
 
     def _deliver(self, entry: SpoolEntry, what: str) -> None:
         if self.store_down:

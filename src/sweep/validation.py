@@ -83,12 +83,13 @@ def _first_line_block(error: Exception) -> str:
 def job_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     prompt, timing = cfg.prompt, cfg.timing
-    for key, value, minimum in (("prompt.length", prompt.length, 1), ("prompt.batch_size", prompt.batch_size, 1),
-                                ("timing.input_sets", timing.input_sets, 1), ("timing.min_rounds", timing.min_rounds, 1),
-                                ("timing.block_rounds", timing.block_rounds, 1), ("timing.warmup", timing.warmup, 0),
-                                ("numerics.gen_tokens", cfg.numerics.gen_tokens, 0),
-                                ("tracking.http_max_retries", cfg.tracking.http_max_retries, 0),
-                                ("tracking.http_timeout_s", cfg.tracking.http_timeout_s, 1)):
+    minimums = (("prompt.length", prompt.length, 1), ("prompt.batch_size", prompt.batch_size, 1),
+                ("timing.input_sets", timing.input_sets, 1), ("timing.min_rounds", timing.min_rounds, 1),
+                ("timing.block_rounds", timing.block_rounds, 1), ("timing.warmup", timing.warmup, 0),
+                ("numerics.gen_tokens", cfg.numerics.gen_tokens, 0),
+                ("tracking.http_max_retries", cfg.tracking.http_max_retries, 0),
+                ("tracking.http_timeout_s", cfg.tracking.http_timeout_s, 1))
+    for key, value, minimum in minimums:
         if value < minimum:
             problems.append(f"{key}={value} is below {minimum}: set {key}={max(minimum, 1)} or more")
     if timing.max_rounds < timing.min_rounds:
