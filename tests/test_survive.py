@@ -258,17 +258,22 @@ def test_a_prompt_the_tokenizer_turns_into_no_tokens_fails_and_says_how_to_fix_i
 
 
 def test_trusting_remote_code_is_per_layer_opt_in_passed_to_kernels_and_recorded(make_config, tmp_path, kernel_repos,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, caplog):
+    """A Hub kernel from an organisation `kernels` does not vouch for. Offline, `kernels` cannot ask the Hub and
+    warns that it skips the publisher check, unless the layer's repository was opted in: that warning shows the
+    opt-in reached `kernels`."""
+    import dataclasses
+    import logging
+    import shutil
+
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.file_download import repo_folder_name
-    from kernels import LayerRepository
 
     from sweep.config import KernelSourceMode, kernel_selection
     from sweep.kernelization import resolve_kernel
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / repo_folder_name(repo_id="someone/untrusted-rms", repo_type="kernel")
-    import shutil
     shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "v1").write_text(commit)
@@ -280,8 +285,12 @@ def test_trusting_remote_code_is_per_layer_opt_in_passed_to_kernels_and_recorded
                 "trust_remote_code": opt_in}
         selection = kernel_selection({"source": "hub", "RMSNorm": spec})
         kernel = resolve_kernel("RMSNorm", selection.specs["RMSNorm"], KernelSourceMode.hub)
-        assert kernel.repository == LayerRepository("someone/untrusted-rms", layer_name="ExactRMSNorm",
-                                                    revision=commit, trust_remote_code=opt_in)
+        assert kernel.repository.trust_remote_code is opt_in
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            dataclasses.replace(kernel.repository, backend="cpu").load()
+        skipped_check = "Skipping publisher trust check for 'someone/untrusted-rms'" in caplog.text
+        assert skipped_check is not opt_in, caplog.text
     result = run_job(make_config(*FAST, "kernels=none", "kernels.source=hub",
                                  "+kernels.RMSNorm={repo_id: someone/untrusted-rms, layer_name: ExactRMSNorm, "
                                  "version: 1, trust_remote_code: true}"), ModelCache())
