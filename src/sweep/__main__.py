@@ -12,12 +12,20 @@ from omegaconf import DictConfig
 from rich.markup import escape
 
 from .config import register_configs
-from .interruption import describe, sigterm_raises
-from .job import job_name, job_params, plan_job, run_job
+from .exit_codes import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
+from .interruption import Terminated, describe, sigterm_raises
+from .job import context_lost_result, job_name, job_params, plan_job, run_job
 from .lease import gpu_lease
 from .results import JobResult
 from .resume import job_key
-from .session import abort_session, close_session, current_session
+from .session import (
+    abort_session,
+    close_session,
+    current_session,
+    end_unfinished_session,
+    session_was_opened,
+)
+from .validation import override_problems
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -32,25 +40,30 @@ def sweep_job(cfg: DictConfig) -> None:
     """One job, in whichever process the launcher runs it: lease a GPU, skip it if already measured, measure."""
     session = current_session(cfg)
     swept = session.swept_overrides()
+    if session.context_lost_after is not None:  # policy: a sticky CUDA error ends every later job of the process
+        session.record(context_lost_result(cfg, session.context_lost_after, swept))
+        return
     label = escape(session.job_label(job_name(cfg, swept)))
     with (session.console.status(label) as spinner,
           gpu_lease(cfg.lease, waiting=lambda note: spinner.update(f"{label}: {note}")) as device):
         placement = _placement_tags() | (device.tags if device else {})
         result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), tags=placement)
         key = _resume_key(cfg)
-        previous = session.tracker.find_measured(key) if key and cfg.resume else None
+        previous = session.measured_before(key) if cfg.resume else None
         if previous is not None:
             session.skip_measured(result.name, key, previous)
             return
-        run_id = session.start(result, key)
+        started = result
+        run_id = session.start(started, key)
         with sigterm_raises():
             try:
                 result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
                                  swept=swept)
                 result.tags |= placement
+                result.uid = started.uid  # the record completes the run started for it, also from the spool
                 session.record(result, run_id)  # inside the lease: the run's start and end bound its GPU time
             except BaseException as stop:  # Ctrl-C, SIGTERM: the run ends KILLED, never stays RUNNING
-                session.tracker.kill_job(run_id, describe(stop))
+                session.kill(run_id, describe(stop))
                 raise
 
 
@@ -71,13 +84,37 @@ def _resume_key(cfg: DictConfig) -> str | None:
 
 
 def main() -> None:
+    """Exit status: 0 all measured or skipped, 1 a job failed, 2 refused before any job ran, 3 could not finish
+    (sweep/exit_codes.py); 130 or 143 interrupted (Ctrl-C, SIGTERM), its runs marked KILLED."""
+    problems = override_problems(_command_line_overrides())
+    if problems:
+        for problem in problems:
+            print(f"sweep refused: {problem}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
     with sigterm_raises():
         try:
             sweep_job()
-        except BaseException as stop:  # Ctrl-C, SIGTERM, a launcher whose job was killed
+        except Terminated as stop:
             abort_session(describe(stop))
             raise
-    sys.exit(1 if close_session() else 0)
+        except SystemExit as stop:
+            if stop.code in (None, 0):
+                raise
+            if not session_was_opened():  # Hydra could not compose the configuration, or the sweep was refused
+                sys.exit(EXIT_REFUSED)
+            end_unfinished_session()
+            sys.exit(EXIT_INCOMPLETE)
+        except BaseException as stop:  # Ctrl-C, a launcher whose job was killed
+            abort_session(describe(stop))
+            raise
+    sys.exit(EXIT_JOB_FAILED if close_session() else EXIT_OK)
+
+
+def _command_line_overrides() -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    return list(args.overrides or [])
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class KernelSpec:
     revision: str | None = None
     bundled: str | None = None  # name of a kernel repository shipped in sweep/bundled
     path: str | None = None  # a local kernel repository; wins over repo_id and bundled
+    # Load `repo_id` even if its organisation is not one the `kernels` library trusts: kernels run code.
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -102,6 +104,11 @@ class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "kernel-sweep"
     artifact_root: str = "runs/artifacts"  # only used when the experiment is created
+    spool_dir: str = "runs/spool"  # results the store could not take wait here (python -m sweep.sync)
+    # Bounded MLflow HTTP retries: one request waits at most (retries + 1) * timeout + backoff sleeps (32 s).
+    http_max_retries: int = 2
+    http_timeout_s: int = 10
+    http_backoff_factor: int = 1
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -20,6 +22,7 @@ from .config import (
     kernel_selection,
 )
 from .errors import JobConfigError, SkipJob
+from .failures import FailureKind, classify, out_of_memory_reason
 from .fingerprint import fingerprint
 from .forensics import (
     distribution_metrics,
@@ -48,6 +51,7 @@ from .numerics import (
     relative_error,
 )
 from .prompts import prompt_inputs
+from .redaction import redact_text
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
 
@@ -60,6 +64,25 @@ class KernelOutputError(RuntimeError):
 
 # What a run that was not measured may still log: bookkeeping, never a timing or numerics result.
 UNMEASURED_METRIC_PREFIXES = ("job_wall_s", "kernelized_", "phase_s_")
+
+
+class Phases:
+    """The job's current phase (load, reference, kernelize, numerics, capture, timing) and the seconds spent in
+    each, as metrics `phase_s_<phase>`. A phase that raises stays current: the failure is reported in it."""
+
+    def __init__(self, metrics: dict[str, float]):
+        self.current = "plan"
+        self._metrics = metrics
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"phase_s_{name}"
+            self._metrics[key] = self._metrics.get(key, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -151,58 +174,100 @@ def _check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
 def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None,
             swept: Sequence[tuple[str, str]] = ()) -> JobResult:
     """Never raises for a bad combination: the result says skipped or failed, with the reason. `swept`: see
-    `job_name`."""
+    `job_name`. After running out of memory the model cache is dropped and memory released, so that the next job
+    starts clean; after a sticky CUDA error (tag failure_kind=cuda_context_lost) nothing more can run in this
+    process."""
     started = time.perf_counter()
     result = JobResult(name=job_name(cfg, swept), params=job_params(cfg))
-    result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
+    phases = Phases(result.metrics)
+    failure = None
+    device = torch.device("cpu")
     try:
         plan = plan_job(cfg)
+        device = plan.device
         result.tags |= fingerprint(plan.device)
-        _measure(cfg, plan, models, result, status or (lambda _: None))
+        _measure(cfg, plan, models, result, status or (lambda _: None), phases)
     except SkipJob as skip:
         result.status, result.reason = RunStatus.skipped, str(skip)
     except Exception as error:  # any failure of one combination is that run's result, not the sweep's end
+        failure = classify(error)
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
+        if failure == FailureKind.out_of_memory:
+            result.reason = out_of_memory_reason(error, phases.current, device)
+        result.tags["failure_kind"] = failure.value
+        result.tags["failure_phase"] = phases.current
         result.artifacts["traceback.txt"] = traceback.format_exc()
     if result.status != RunStatus.measured:
         result.metrics = {k: v for k, v in result.metrics.items() if k.startswith(UNMEASURED_METRIC_PREFIXES)}
+    if failure == FailureKind.out_of_memory:
+        _release_memory(models)  # outside the except block: the traceback's frames hold the tensors until then
     result.metrics["job_wall_s"] = time.perf_counter() - started
+    result.ended_ms = int(time.time() * 1000)
     return result
 
 
-def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook) -> None:
+def context_lost_result(cfg: SweepConfig | DictConfig, failed_job: str,
+                        swept: Sequence[tuple[str, str]] = ()) -> JobResult:
+    """A job not run because an earlier job of this process broke the CUDA context (sticky error)."""
+    result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), status=RunStatus.failed)
+    result.reason = (f"CUDA context lost after {failed_job}: a sticky CUDA error (device-side assert, illegal "
+                     "memory access, launch failure) leaves this process unable to measure; rerun this "
+                     "combination in a new sweep")
+    result.tags["failure_kind"] = FailureKind.cuda_context_lost.value
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
+    return result
+
+
+def _release_memory(models: ModelCache) -> None:
+    """The model may hold half-built state (a load, a capture, forwards) after an out-of-memory error: drop it
+    with its references, and give the freed blocks back to the device."""
+    models.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook, phases: Phases) -> None:
     status("loading model")
-    loaded = models.get(cfg.model, plan.dtype, plan.device)
-    model = loaded.model
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and cfg.prompt.length > max_positions:
-        raise JobConfigError(f"prompt.length={cfg.prompt.length} exceeds the model's {max_positions} positions")
-    gen_tokens = _generated_tokens(cfg, max_positions, result)
-    check_layers_exist(model, list(plan.kernels.specs))
-    kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
-    for kernel in kernels:
-        result.params[f"kernel_{kernel.layer}"] = kernel.identity
-        result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
-        if kernel.note:
-            result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
-    use_cache = cfg.forward.use_cache
-    result.tags["attn_implementation"] = str(model.config._attn_implementation)
-    result.tags["forward_path"] = forward_path(use_cache)
-    inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), plan.device)
+    with phases("load"):  # the model, its checks, the kernels' sources and the prompts
+        loaded = models.get(cfg.model, plan.dtype, plan.device)
+        model = loaded.model
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions is not None and cfg.prompt.length > max_positions:
+            raise JobConfigError(f"prompt.length={cfg.prompt.length} exceeds the model's {max_positions} positions")
+        gen_tokens = _generated_tokens(cfg, max_positions, result)
+        check_layers_exist(model, list(plan.kernels.specs))
+        kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
+        for kernel in kernels:
+            result.params[f"kernel_{kernel.layer}"] = kernel.identity
+            result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
+            if kernel.source.startswith("hub:"):  # the user's opt-in to an organisation kernels does not trust
+                trusted = plan.kernels.specs[kernel.layer].trust_remote_code
+                result.tags[f"kernel_trust_remote_code_{kernel.layer}"] = str(trusted).lower()
+            if kernel.note:
+                result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
+        use_cache = cfg.forward.use_cache
+        result.tags["attn_implementation"] = str(model.config._attn_implementation)
+        result.tags["forward_path"] = forward_path(use_cache)
+        inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
     key = ReferenceKey(cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size, str(plan.reference_dtype),
                        forward_path(use_cache))
-    reference = models.reference(key, lambda: reference_logits(model, inputs[0], plan.reference_dtype, use_cache))
+    with phases("reference"):
+        reference = models.reference(key, lambda: reference_logits(model, inputs[0], plan.reference_dtype, use_cache))
     if bad := nonfinite_count(reference):
         raise SkipJob(f"the model overflows even in {plan.reference_dtype} at this length: the reference has "
                       f"{bad} non-finite values")
     switch = None
     if kernels:
         status("kernelizing")
-        switch = KernelSwitch.apply(model, kernels, plan.device)
+        with phases("kernelize"):
+            switch = KernelSwitch.apply(model, kernels, plan.device)
         for layer, count in switch.replaced.items():
             result.metrics[f"kernelized_{layer}"] = count
         result.metrics["kernelized_total"] = sum(switch.replaced.values())
@@ -214,21 +279,22 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             )
 
     status("numerics")
-    if switch is None:
-        baseline = forward_logits(model, inputs[0], use_cache)
-        _check_baseline_finite(model, baseline, inputs[0], cfg, plan)
-        result.metrics["ref_err_baseline"] = relative_error(baseline, reference)
-    else:
-        result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status)
+    with phases("numerics"):
+        if switch is None:
+            baseline = forward_logits(model, inputs[0], use_cache)
+            _check_baseline_finite(model, baseline, inputs[0], cfg, plan)
+            result.metrics["ref_err_baseline"] = relative_error(baseline, reference)
+        else:
+            result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status)
 
-    status("checking every input set's outputs")
-    for ids in inputs[1:]:
-        _check_baseline_finite(model, forward_logits(model, ids, use_cache), ids, cfg, plan)
-        if switch is not None:
-            with switch.active():
-                _check_kernel_finite(model, switch, forward_logits(model, ids, use_cache), ids, use_cache)
+        status("checking every input set's outputs")
+        for ids in inputs[1:]:
+            _check_baseline_finite(model, forward_logits(model, ids, use_cache), ids, cfg, plan)
+            if switch is not None:
+                with switch.active():
+                    _check_kernel_finite(model, switch, forward_logits(model, ids, use_cache), ids, use_cache)
     result.tags |= contention_tags(plan.device)
-    _time(model, switch, inputs, cfg, plan, result, status)
+    _time(model, switch, inputs, cfg, plan, result, status, phases)
     if plan.device.type == "cuda":
         result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
 
@@ -302,24 +368,26 @@ def _runners(mode: TimingMode, model, switch, inputs, use_cache) -> tuple[Runner
     return make(forward, inputs, lambda: switch.select(False)), make(forward, inputs, lambda: switch.select(True))
 
 
-def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook, phases: Phases) -> None:
     try:
-        _time_modes(model, switch, inputs, cfg, plan, result, status)
+        _time_modes(model, switch, inputs, cfg, plan, result, status, phases)
     finally:
         if switch is not None:
             switch.select(False)
 
 
-def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
+                phases: Phases) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
     replay_errors: list[float] = []
     modes = list(plan.timing_modes)
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache)
+            with phases("capture" if mode == TimingMode.graph else "timing"):
+                baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
-            if mode != TimingMode.graph:
+            if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
                 raise
             result.tags["timing_note"] = f"CUDA graph unusable, timed eagerly instead: {type(error).__name__}: {error}"
             if TimingMode.eager not in modes:
@@ -331,7 +399,8 @@ def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, st
 
         if isinstance(baseline, GraphRunner):
             replay_errors = [r.replay_error for r in (baseline, kernel) if isinstance(r, GraphRunner)]
-        measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
+        with phases("timing"):
+            measured[mode] = timed_rounds(baseline, kernel, len(inputs), cfg.timing, plan.device, cfg.seed, report)
         del baseline, kernel
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
