@@ -26,7 +26,8 @@ mission() {  # the original report's table; wall time from process start to the 
     for run in first-on-this-machine cold-triton-cache; do
         rm -rf ~/.triton/cache
         local start=$(date +%s%N)
-        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both tracking.uri=$store > $OUT/mission-$run.log 2>&1
+        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both resume=false tracking.uri=$store \
+            > $OUT/mission-$run.log 2>&1
         echo "mission sweep wall ($run): $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to summary table)"
     done
     grep -A12 "^ *sweep " $OUT/mission-cold-triton-cache.log | head -14
