@@ -36,6 +36,8 @@ def _speedup(result: JobResult, digits: int = 3) -> str:
     if "speedup" not in result.metrics:
         return "-"
     m = result.metrics
+    if "speedup_ci_low" not in m:  # a record without its interval says so rather than inventing one
+        return f"{m['speedup']:.{digits}f}x [no interval]"
     marker = "" if m.get("speedup_significant", 0.0) else " ~"
     return (f"{m['speedup']:.{digits}f}x [{m['speedup_ci_low']:.{digits}f}, "
             f"{m['speedup_ci_high']:.{digits}f}]{marker}")
