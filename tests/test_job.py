@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from conftest import SHORT_PROMPT, local_kernel
+from kernel_repos import write_kernel_repo
 
 from sweep.config import KernelSourceMode, KernelSpec, TimingMode
 from sweep.job import _runners, run_job
@@ -253,16 +254,22 @@ def test_switching_kernels_is_outside_the_timed_forward(make_config, models, ker
         select(False)
 
 
-def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, kernel_repos):
+def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_path):
+    """The kernel runs transformers' own RMSNorm forward: the same work on both sides, so a speedup away from 1
+    could only come from what the harness charges to one side (switching forwards inside the timed region)."""
+    same = write_kernel_repo(tmp_path, "same_rms", "SameRMSNorm", "return _eager_forward(self, hidden_states)")
+    init = same / "build" / "torch-cpu" / "__init__.py"
+    init.write_text("from transformers.models.llama.modeling_llama import LlamaRMSNorm\n"
+                    "_eager_forward = LlamaRMSNorm.forward\n" + init.read_text())
     small = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
              "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
              "model.architecture.num_key_value_heads=4", "prompt.length=8", "numerics.gen_tokens=0",
              "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.min_rounds=20",
              "timing.max_rounds=60", "timing.target_ci=0.002", "timing.budget_s=15"]
     result = run_job(make_config("dtype=fp32", "kernels=none", *small,
-                                 *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm")), ModelCache())
+                                 *local_kernel("RMSNorm", same, "SameRMSNorm")), ModelCache())
     assert result.status == RunStatus.measured, result.reason
-    assert result.metrics["kernelized_RMSNorm"] == 5
+    assert result.metrics["kernelized_RMSNorm"] == 5 and result.metrics["max_abs_diff"] == 0.0
     assert result.metrics["speedup_ci_low"] <= 1.0 <= result.metrics["speedup_ci_high"], result.metrics
 
 
