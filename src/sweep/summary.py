@@ -73,10 +73,14 @@ def grouped(results: Sequence[JobResult]) -> list[JobResult]:
 
 Column = tuple[str, Callable[[JobResult], str]]
 
-SUMMARY_COLUMNS: tuple[Column, ...] = (
+JOB_COLUMNS: tuple[Column, ...] = (
     ("dtype", lambda r: r.params["dtype"]),
     ("kernels", lambda r: r.params["kernels"]),
     ("T", lambda r: r.params["prompt_len"]),
+)
+
+SUMMARY_COLUMNS: tuple[Column, ...] = (
+    *JOB_COLUMNS,
     ("baseline ms", lambda r: _number(r, "latency_ms_baseline", ".4f")),
     ("kernel ms", lambda r: _number(r, "latency_ms_kernel", ".4f")),
     ("speedup [95% CI]", _speedup),
@@ -87,9 +91,7 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
 )
 
 ACCURACY_COLUMNS: tuple[Column, ...] = (
-    ("dtype", lambda r: r.params["dtype"]),
-    ("kernels", lambda r: r.params["kernels"]),
-    ("T", lambda r: r.params["prompt_len"]),
+    *JOB_COLUMNS,
     ("max diff", lambda r: _number(r, "max_abs_diff", ".4g")),
     ("max diff (ulp)", lambda r: _number(r, "max_abs_diff_ulp", ".3g")),
     ("err_ratio", lambda r: _number(r, "err_ratio", ".3f")),
