@@ -3,14 +3,12 @@ directories the tests create (no network), and the bundled fallback."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 
 import pytest
 import torch
-from conftest import HUB_COMMIT, SHORT_PROMPT, offline_hub_job
+from conftest import HUB_COMMIT, SHORT_PROMPT, cache_hub_kernel, offline_hub_job
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.file_download import repo_folder_name
 from transformers import AutoConfig, AutoModelForCausalLM
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
@@ -71,10 +69,7 @@ def test_auto_source_falls_back_to_the_bundled_copy_and_records_it(make_config, 
 def test_auto_source_fails_on_a_version_the_cached_repository_does_not_have(
         make_config, models, tmp_path, monkeypatch, kernel_repos, override, message):
     """The repository is known (cached), so a wrong version is the user's error, never a silent fallback."""
-    repo = tmp_path / "hub" / repo_folder_name(repo_id="kernels-community/liger-kernels", repo_type="kernel")
-    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / HUB_COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "v3").write_text(HUB_COMMIT)
+    cache_hub_kernel(tmp_path / "hub", "kernels-community/liger-kernels", kernel_repos["exact_rms"], "v3")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("KERNELS_CACHE", str(tmp_path / "hub"))
     overrides = [override] + (["kernels.RMSNorm.version=null"] if "revision" in override else [])

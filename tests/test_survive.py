@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, local_kernel
+from conftest import REPO_ROOT, cache_hub_kernel, local_kernel
 from kernel_repos import EXACT_RMSNORM, failing_rmsnorm, write_kernel_repo
 from mlflow.tracking import MlflowClient
 from test_server import LOCAL_ENV
@@ -270,19 +270,13 @@ def test_trusting_remote_code_is_per_layer_opt_in_passed_to_kernels_and_recorded
     opt-in reached `kernels`."""
     import dataclasses
     import logging
-    import shutil
 
     from huggingface_hub import constants as hub_constants
-    from huggingface_hub.file_download import repo_folder_name
 
     from sweep.config import KernelSourceMode, kernel_selection
     from sweep.kernelization import resolve_kernel
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / repo_folder_name(repo_id="someone/untrusted-rms", repo_type="kernel")
-    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "v1").write_text(commit)
+    cache_hub_kernel(tmp_path / "hub", "someone/untrusted-rms", kernel_repos["exact_rms"], "v1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
