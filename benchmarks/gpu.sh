@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything sweep asks of a lent GPU, in one call; stores and logs go to $OUT (the device tool brings it back).
 #   bash benchmarks/gpu.sh [section ...]
-#   sections: env mission install tests accuracy llama8b coverage precision survive; scale (2+ GPUs)
+#   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
+#   scale (2+ GPUs)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -139,6 +140,23 @@ scale() {  # issue 12, on a machine with 2 or more GPUs: the 36-job grid with th
         esac
     done
     cp runs/scale-out/*.db runs/scale-out/*.log runs/scale-out/*.md "$OUT"/ 2>/dev/null
+}
+
+workloads() {  # decode at 118, 2048 and 8192 positions (8191 cached + 1), train at T=512 and 2048 with batch 8
+    python3 -m sweep -m workload=decode dtype=bf16 kernels=rms,silu,both prompt.length=118,2048,8191 \
+        tracking.uri=$store > $OUT/decode.log 2>&1
+    python3 -m sweep -m workload=train dtype=bf16 kernels=rms,silu,both prompt.length=512,2048 prompt.batch_size=8 \
+        tracking.uri=$store > $OUT/train.log 2>&1
+    tail -40 $OUT/decode.log $OUT/train.log
+    python3 -m sweep.report --tracking-uri $store --filter "params.workload != 'prefill'" --out $OUT/report-workloads
+}
+
+workloads8b() {  # the Llama-3-8B shape on one GPU; train timed eagerly: two graphs of an 8B step do not fit in 80 GB
+    python3 -m sweep -m model=llama3-8b-shape workload=decode dtype=bf16 kernels=rms,silu,both prompt.length=2048 \
+        tracking.uri=$store > $OUT/decode8b.log 2>&1
+    python3 -m sweep -m model=llama3-8b-shape workload=train dtype=bf16 kernels=rms,silu,both prompt.length=2048 \
+        prompt.batch_size=1 timing.mode=eager tracking.uri=$store > $OUT/train8b.log 2>&1
+    tail -30 $OUT/decode8b.log $OUT/train8b.log
 }
 
 sections=("$@")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -44,6 +45,8 @@ def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nan_rms": write_kernel_repo(root, "nan_rms", "NanRMSNorm", NAN_RMSNORM),
         "inf_rms": write_kernel_repo(root, "inf_rms", "InfRMSNorm", INF_RMSNORM),
         "cuda_only": write_kernel_repo(root, "cuda_only", "ExactRMSNorm", EXACT_RMSNORM, variant="torch-cuda"),
+        "forward_only_rms": write_kernel_repo(root, "forward_only_rms", "ForwardOnlyRMSNorm", EXACT_RMSNORM,
+                                              has_backward=False),
     }
 
 
@@ -75,6 +78,15 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
 def models() -> ModelCache:
     """Shared across tests like across the jobs of a sweep: the tiny model is built once per dtype."""
     return ModelCache()
+
+
+def load_bundled_silu() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bundled Triton SiLU's `silu` function, imported from its build directory."""
+    path = REPO_ROOT / "src/sweep/bundled/triton_silu/build/torch-cuda/__init__.py"
+    spec = importlib.util.spec_from_file_location("bundled_triton_silu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.silu
 
 
 def local_kernel(layer: str, path: Path, layer_name: str) -> list[str]:

@@ -40,17 +40,20 @@ ROUNDED_SILU = """
 
 
 def write_kernel_repo(root: Path, name: str, layer: str, body: str, argument: str = "hidden_states",
-                      variant: str = "torch-cpu") -> Path:
-    """A kernel repository at root/name whose layer `layer` has `forward(self, argument)` running `body`."""
+                      variant: str = "torch-cpu", has_backward: bool | None = None) -> Path:
+    """A kernel repository at root/name whose layer `layer` has `forward(self, argument)` running `body`;
+    `has_backward` is declared on the layer when given."""
     variant_dir = root / name / "build" / variant
     variant_dir.mkdir(parents=True)
     backend = "cpu" if variant == "torch-cpu" else variant.removeprefix("torch-")
     metadata = {"name": name.replace("_", "-"), "id": f"test_{name}", "version": 1, "license": "MIT",
                 "python-depends": [], "backend": {"type": backend}}
     (variant_dir / "metadata.json").write_text(json.dumps(metadata))
+    declaration = "" if has_backward is None else f"    has_backward = {has_backward}\n\n"
     forward_body = textwrap.indent(textwrap.dedent(body).strip(), " " * 8)
     source = (
-        f"import torch\n\n\nclass {layer}(torch.nn.Module):\n    def forward(self, {argument}):\n{forward_body}\n\n\n"
+        f"import torch\n\n\nclass {layer}(torch.nn.Module):\n{declaration}    def forward(self, {argument}):\n"
+        f"{forward_body}\n\n\n"
         f"class layers:\n    {layer} = {layer}\n"
     )
     (variant_dir / "__init__.py").write_text(source)

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
 
-CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode"}
+CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload"}
 CONTRACT_METRICS = {
     "latency_ms_baseline", "latency_ms_kernel", "speedup", "speedup_ci_low", "speedup_ci_high", "max_abs_diff",
     "mean_abs_diff", "argmax_match", "ref_err_baseline", "ref_err_kernel", "err_ratio", "kernelized_total",
@@ -78,6 +78,25 @@ def test_mission_sweep_with_cpu_kernels_logs_the_contract(tmp_path, cpu_kernel_c
         assert "config.yaml" in artifacts
     assert "bf16  │ both_cpu" in done.stdout  # the summary table
     assert "6 measured, 0 skipped, 0 failed" in done.stdout
+
+
+def test_workload_axis_logs_every_job_and_prints_one_table_per_workload(tmp_path, cpu_kernel_configs):
+    small = ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=512",
+             "model.architecture.num_attention_heads=4", "model.architecture.num_key_value_heads=4"]
+    done = run_sweep(tmp_path, "--config-dir", str(cpu_kernel_configs), "-m", "workload=prefill,decode,train",
+                     "kernels=both_cpu", "dtype=fp32", "timing=quick", "prompt.length=40", "numerics.gen_tokens=4",
+                     *small)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, _, children = child_runs(tmp_path)
+    by_workload = {r.data.params["workload"]: r for r in children}
+    assert set(by_workload) == {"prefill", "decode", "train"}
+    assert all(r.data.tags["run_status"] == "measured" for r in children), [r.data.tags for r in children]
+    assert {"tokens_per_s_baseline", "tokens_per_s_kernel", "err_ratio"} <= set(by_workload["decode"].data.metrics)
+    assert {"loss_diff", "grad_max_rel_diff", "grad_err_ratio"} <= set(by_workload["train"].data.metrics)
+    assert by_workload["train"].info.run_name == "train"  # what varies between the jobs
+    for workload in ("prefill", "decode", "train"):
+        assert f"s): {workload}" in done.stdout  # a summary table per workload
+    assert "grad_err_ratio" in done.stdout and "3 measured, 0 skipped, 0 failed" in done.stdout
 
 
 def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(tmp_path, cpu_kernel_configs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gpu
+from conftest import gpu, load_bundled_silu
 
 from sweep.job import run_job
 from sweep.numerics import forward_logits
@@ -38,3 +38,29 @@ def test_graph_replay_reads_its_static_input(make_config, models):
     runner.run()
     assert torch.equal(runner.static_output, forward_logits(model, inputs[1]))
     assert not torch.equal(runner.static_output, forward_logits(model, inputs[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bundled_silu_backward_matches_torch(dtype):
+    silu = load_bundled_silu()
+    x = (torch.randn(5, 3000, device="cuda") * 4).to(dtype).requires_grad_(True)
+    upstream = torch.randn(5, 3000, device="cuda").to(dtype)
+    (kernel_grad,) = torch.autograd.grad(silu(x), x, upstream)
+    (torch_grad,) = torch.autograd.grad(torch.nn.functional.silu(x), x, upstream)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+    torch.testing.assert_close(kernel_grad, torch_grad, **tolerance)
+
+
+def test_bundled_kernels_in_decode_and_train(make_config, models):
+    for workload in ("decode", "train"):
+        result = run_job(make_config("dtype=bf16", "kernels=both", "kernels.source=bundled", "timing=quick",
+                                     f"workload={workload}", "prompt.length=512", "prompt.batch_size=2"), models)
+        assert result.status == RunStatus.measured, result.reason
+        assert result.metrics["kernelized_RMSNorm"] == 9 and result.metrics["kernelized_SiLU"] == 4
+        assert result.tags["timing_mode_used"] == "graph" and "timing_note" not in result.tags
+        assert "graph_replay_rel_err" in result.metrics
+        if workload == "decode":
+            assert result.metrics["tokens_per_s_kernel"] > 0 and result.metrics["err_ratio"] < 2
+        else:
+            assert result.metrics["peak_mem_mb_baseline"] > 0 and result.metrics["peak_mem_mb_kernel"] > 0
+            assert result.metrics["grad_err_ratio"] < 2 and "reference_note" not in result.tags

@@ -16,7 +16,8 @@ from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
 from sweep.models import ModelCache
 from sweep.numerics import forward_logits
-from sweep.results import RunStatus
+from sweep.results import JobResult, RunStatus
+from sweep.workloads import JobState, workload
 
 
 def test_exact_rmsnorm_replaces_all_nine_and_changes_nothing(make_config, models, kernel_repos):
@@ -231,25 +232,43 @@ def test_timed_and_compared_forward_is_the_default_call(make_config, models):
     assert torch.equal(forward_logits(model, ids), users_call)
 
 
-def test_switching_kernels_is_outside_the_timed_forward(make_config, models, kernel_repos):
-    cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT)
-    model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
+@pytest.mark.parametrize("name", ["prefill", "decode", "train"])
+def test_switching_kernels_is_outside_the_timed_forward(make_config, models, kernel_repos, name):
+    cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, f"workload={name}")
+    cpu = torch.device("cpu")
+    loaded = models.get(cfg.model, torch.float32, cpu)
+    model, work = loaded.model, workload(cfg.workload)
+    inputs = work.inputs(loaded.tokenizer, cfg, cpu)
     kernel = resolve_kernel("RMSNorm", KernelSpec(layer_name="ExactRMSNorm", path=str(kernel_repos["exact_rms"])),
                             KernelSourceMode.auto)
-    switch = KernelSwitch.apply(model, [kernel], torch.device("cpu"))
+    switch = KernelSwitch.apply(model, [kernel], cpu, work.kernel_mode)
     switched: list[bool] = []
     select = switch.select
     switch.select = lambda enabled: switched.append(enabled) or select(enabled)  # counts, still switches
+    ran_kernel: list[bool] = []  # per call of a kernelized module: was its kernel forward switched in?
+    hooks = [m.register_forward_pre_hook(lambda module, args: ran_kernel.append("forward" in module.__dict__))
+             for m in switch.modules]
     try:
-        baseline, kernel_runner = _runners(TimingMode.eager, model, switch, [torch.randint(0, 256, (1, 8))], None)
-        kernel_runner.prepare(0)
-        assert switched == [True] and all("forward" in m.__dict__ for m in switch.modules)
-        for _ in range(3):
-            kernel_runner.run()
-        assert switched == [True]  # the timed work switches nothing
-        baseline.prepare(0)
-        assert switched == [True, False] and not any("forward" in m.__dict__ for m in switch.modules)
+        with work.running(model):
+            job = JobState(model, switch, inputs, None, cfg, cpu, torch.float32, JobResult(name, {}), print)
+            sides = work.sides(job)
+            switched.clear()
+            baseline, kernel_runner = _runners(TimingMode.eager, sides, switch, inputs)
+            kernel_runner.prepare(0)
+            assert switched == [True] and all("forward" in m.__dict__ for m in switch.modules)
+            ran_kernel.clear()
+            for _ in range(3):
+                kernel_runner.run()
+            assert switched == [True]  # the timed work switches nothing
+            assert ran_kernel and all(ran_kernel)
+            baseline.prepare(1)
+            assert switched == [True, False] and not any("forward" in m.__dict__ for m in switch.modules)
+            ran_kernel.clear()
+            baseline.run()
+            assert switched == [True, False] and ran_kernel and not any(ran_kernel)
     finally:
+        for hook in hooks:
+            hook.remove()
         switch.select = select
         select(False)
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sweep.config import ModelConfig
 from sweep.models import load_model
 from sweep.numerics import forward_logits, reference_logits
+from sweep.workloads import workload
 
 SMALL_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=256, bos_token_id=2, eos_token_id=3)
@@ -39,6 +40,25 @@ def test_reference_pass_leaves_a_from_pretrained_model_bit_identical(tmp_path, d
     reference_logits(model, ids, reference)
     _assert_bit_identical(before, _state(model))
     assert torch.equal(forward_logits(model, ids), logits_before)
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode", "train"])
+def test_every_workloads_reference_leaves_the_model_bit_identical(tmp_path, make_config, name):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMALL_LLAMA)).save_pretrained(tmp_path)
+    cfg = OmegaConf.structured(ModelConfig(name="saved", id=str(tmp_path), tokenizer="utf8"))
+    loaded = load_model(cfg, torch.bfloat16, torch.device("cpu"))
+    model = loaded.model
+    job = make_config(f"workload={name}", "prompt.length=24", "timing=quick")
+    work = workload(job.workload)
+    inputs = work.inputs(loaded.tokenizer, job, torch.device("cpu"))
+    before, logits_before = _state(model), forward_logits(model, inputs[0])
+    flags = [(p.requires_grad, p.grad) for p in model.parameters()]
+    reference = work.reference(model, inputs, torch.float32, job)
+    _assert_bit_identical(before, _state(model))
+    assert torch.equal(forward_logits(model, inputs[0]), logits_before)
+    assert [(p.requires_grad, p.grad) for p in model.parameters()] == flags and not model.training
+    assert reference is not None
 
 
 def test_random_init_keeps_the_buffers_transformers_keeps_in_float32():

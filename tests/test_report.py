@@ -272,6 +272,33 @@ def test_no_runs_exits_1(stores: Stores, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 1 and out == "" and "no runs" in err
 
 
+def test_one_part_per_workload_and_old_runs_read_as_prefill(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path}/w.db"
+    store = StoreWriter(uri, tmp_path)
+    sweep = store.parent()
+    store.child(sweep, H100, "rms", 128)  # logged before the workload param existed
+    for workload, extra in (("decode", {"tokens_per_s_kernel": 2500.0}),
+                            ("train", {"grad_err_ratio": 1.25, "peak_mem_mb_baseline": 900.0,
+                                       "peak_mem_mb_kernel": 700.0, "loss_diff": 0.002})):
+        run_id = store.child(sweep, H100, "rms", 128, speedup=1.05 if workload == "decode" else 1.2, extra=extra)
+        store.client.log_param(run_id, "workload", workload)
+
+    assert sorted(load_runs([uri], "kernel-sweep")["workload"]) == ["decode", "prefill", "train"]
+    code, out, _ = run_main(capsys, "--tracking-uri", uri)
+    assert code == 0
+    headings = [line for line in out.splitlines() if line.startswith("## ")]
+    assert headings == ["## prefill: one forward over the prompt",
+                        "## decode: one generation step after the prompt (KV cache)",
+                        "## train: one forward and backward of the loss on the prompt"]
+    pivots = out.split("### Speedup by GPU")[1:]
+    assert [md_tables(p)[""][0][H100] for p in pivots] == ["1.10x", "1.05x", "1.20x"]  # one column each
+    train = md_tables(out.split("## train")[1])[section(H100, 128)][0]
+    assert train["grad_err_ratio"] == "1.25" and train["peak MB baseline"] == "900" and "max diff" not in train
+    assert md_tables(out.split("## decode")[1].split("## train")[0])[section(H100, 128)][0]["tokens/s kernel"] \
+        == "2500"
+
+
 def test_report_is_honest_about_status_kernels_and_timing_mode(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"sqlite:///{tmp_path}/s.db"

@@ -91,6 +91,13 @@ class NumericsConfig:
 
 
 @dataclass
+class WorkloadConfig:
+    """The `workload` group's common schema; each workload subclasses it beside its code (sweep/workloads)."""
+
+    name: str = MISSING
+
+
+@dataclass
 class ForwardConfig:
     """The forward that is timed and compared: by default the call users make, `model(input_ids=...)`."""
 
@@ -129,6 +136,7 @@ class SweepConfig:
     # Layer name -> KernelSpec, plus `name` (none, rms, ...) and `source`. Entries are validated by
     # `kernel_specs`; the node stays open so that any layer name transformers registers can be mapped.
     kernels: dict[str, Any] = MISSING
+    workload: WorkloadConfig = MISSING  # prefill, decode or train
     prompt: PromptConfig = field(default_factory=PromptConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
@@ -181,8 +189,10 @@ def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
 
 def register_configs() -> None:
     from .lease import worker_count
+    from .workloads import register_workload_configs  # the workloads import this module
 
     store = ConfigStore.instance()
     store.store(name="sweep_schema", node=SweepConfig)
+    register_workload_configs(store)
     # conf/hydra/launcher/parallel.yaml: one local worker per leasable device.
     OmegaConf.register_new_resolver("sweep_workers", worker_count, replace=True)

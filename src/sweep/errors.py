@@ -1,4 +1,4 @@
-"""The two ways a job ends without a measurement."""
+"""The ways a job ends without a measurement."""
 
 
 class SkipJob(Exception):
@@ -7,3 +7,7 @@ class SkipJob(Exception):
 
 class JobConfigError(ValueError):
     """The combination is invalid (bad path, unknown layer, too long a prompt): logged as `failed`."""
+
+
+class KernelOutputError(RuntimeError):
+    """The kernelized forward produced NaN or Inf where the baseline did not: the kernel is broken (`failed`)."""

@@ -9,6 +9,7 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -78,8 +79,11 @@ def traced_logits(
     return baseline, kernel, records
 
 
-def first_nonfinite_module(model: torch.nn.Module, forward: Callable[[], object]) -> str:
-    """The first module, in the order modules finish during `forward()`, whose output holds NaN or Inf."""
+def first_nonfinite_module(
+    model: torch.nn.Module, forward: Callable[[], object], after_forward: str = "the logits"
+) -> str:
+    """The first module, in the order modules finish during `forward()`, whose output holds NaN or Inf;
+    `after_forward` when none does (the NaN comes later, e.g. from the loss or the backward)."""
     names = {module: name for name, module in model.named_modules()}
     found: list[str] = []
 
@@ -95,7 +99,7 @@ def first_nonfinite_module(model: torch.nn.Module, forward: Callable[[], object]
     finally:
         for handle in handles:
             handle.remove()
-    return found[0] if found else "the logits"
+    return found[0] if found else after_forward
 
 
 def _isolated_errors(
@@ -203,4 +207,56 @@ def layers_png(records: list[LayerRecord], title: str) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class LayerGradientRecord:
+    index: int  # order of execution in the forward, as in LayerRecord
+    eager_grad_err: float  # isolated: the gradient for the module's input, eager backward vs float64
+    kernel_grad_err: float  # the same through the kernel's backward
+    grad_err_ratio: float  # kernel_grad_err / eager_grad_err
+
+
+def layer_gradients(
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, seed: int = 0
+) -> list[LayerGradientRecord]:
+    """Per kernelized module, in forward order: its input's gradient through eager and through the kernel, each
+    against a float64 backward of the eager module, on the input the baseline forward gave it and one random
+    upstream gradient (the same for all three). Mean absolute errors."""
+    with _recording(switch.modules) as calls:
+        forward_logits(model, input_ids)
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    records = []
+    for index, module in enumerate(calls.outputs):
+        module_input = calls.inputs[module].clone()  # outside inference mode: a tensor autograd can use
+        upstream = torch.randn(calls.outputs[module].shape, generator=generator, device=input_ids.device,
+                               dtype=calls.outputs[module].dtype)
+        eager = _input_gradient(partial(type(module).forward, module), module_input, upstream)
+        with switch.active():
+            kernel = _input_gradient(module, module_input, upstream)
+        reference_module = copy.deepcopy(module).to(torch.float64)
+        with KeepPrecision(torch.float64):
+            reference = _input_gradient(partial(type(module).forward, reference_module),
+                                        module_input.to(torch.float64), upstream.to(torch.float64))
+        eager_err, kernel_err = _errors(eager, reference)[1], _errors(kernel, reference)[1]
+        records.append(LayerGradientRecord(index, eager_err, kernel_err, error_ratio(kernel_err, eager_err)))
+    return records
+
+
+def _input_gradient(forward, module_input: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    leaf = module_input.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(forward(leaf), leaf, upstream)
+    return gradient
+
+
+def layers_with_gradients_csv(records: list[LayerRecord], gradients: list[LayerGradientRecord]) -> str:
+    """The per-layer table (`layers_csv`) with the gradient columns of each module."""
+    by_index = {g.index: asdict(g) for g in gradients}
+    buffer = io.StringIO()
+    fields = [*LayerRecord.__dataclass_fields__, *(f for f in LayerGradientRecord.__dataclass_fields__ if f != "index")]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(asdict(r) | by_index.get(r.index, {}) for r in records)
     return buffer.getvalue()

@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -24,15 +25,6 @@ from .config import (
 from .errors import JobConfigError, SkipJob
 from .failures import FailureKind, classify, out_of_memory_reason
 from .fingerprint import fingerprint
-from .forensics import (
-    distribution_metrics,
-    first_nonfinite_module,
-    generation_metrics,
-    layer_metrics,
-    layers_csv,
-    layers_png,
-    traced_logits,
-)
 from .kernelization import (
     KernelSwitch,
     check_kernel_directory,
@@ -41,25 +33,12 @@ from .kernelization import (
 )
 from .lease import contention_tags
 from .models import ModelCache, ReferenceKey, torch_dtype
-from .numerics import (
-    compare_outputs,
-    forward_logits,
-    forward_path,
-    kernel_and_baseline_logits,
-    nonfinite_count,
-    reference_logits,
-    relative_error,
-)
-from .prompts import prompt_inputs
 from .redaction import redact_text
 from .results import JobResult, RunStatus
 from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
+from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
 
 StatusHook = Callable[[str], None]
-
-
-class KernelOutputError(RuntimeError):
-    """The kernelized forward produced NaN or Inf where the baseline did not: the kernel is broken."""
 
 
 # What a run that was not measured may still log: bookkeeping, never a timing or numerics result.
@@ -112,10 +91,12 @@ def job_name(cfg: SweepConfig | DictConfig, swept: Sequence[tuple[str, str]] = (
     `fp32 rms T=1024` or `rms timing.mode=eager`; the parent run's name says what all jobs share."""
     model = str(cfg.model.id or cfg.model.name)
     words = {"model": model, "dtype": cfg.dtype.name, "kernels": kernels_name(cfg),
-             "prompt.length": f"T={cfg.prompt.length}", "prompt.batch_size": f"B={cfg.prompt.batch_size}"}
+             "prompt.length": f"T={cfg.prompt.length}", "prompt.batch_size": f"B={cfg.prompt.batch_size}",
+             "workload": cfg.workload.name}
     if not swept:
         hidden = {"model"} if model == "tiny-llama" else set()
         hidden |= {"prompt.batch_size"} if cfg.prompt.batch_size == 1 else set()
+        hidden |= {"workload"} if cfg.workload.name == "prefill" else set()
         return " ".join(word for key, word in words.items() if key not in hidden)
     keys = {_NAME_ALIASES.get(key, key) for key, _ in swept}
     others = [override for key, override in swept if _NAME_ALIASES.get(key, key) not in words]
@@ -131,6 +112,7 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
         "batch_size": str(cfg.prompt.batch_size),
         "device": DeviceChoice(cfg.device).value,
         "timing_mode": TimingMode(cfg.timing.mode).value,
+        "workload": cfg.workload.name,
     }
 
 
@@ -230,14 +212,17 @@ def _release_memory(models: ModelCache) -> None:
 
 
 def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook, phases: Phases) -> None:
+    work = workload(cfg.workload)
     status("loading model")
     with phases("load"):  # the model, its checks, the kernels' sources and the prompts
         loaded = models.get(cfg.model, plan.dtype, plan.device)
         model = loaded.model
         max_positions = getattr(model.config, "max_position_embeddings", None)
-        if max_positions is not None and cfg.prompt.length > max_positions:
-            raise JobConfigError(f"prompt.length={cfg.prompt.length} exceeds the model's {max_positions} positions")
-        gen_tokens = _generated_tokens(cfg, max_positions, result)
+        positions = work.positions(cfg.prompt)
+        if max_positions is not None and positions > max_positions:
+            needs = "" if positions == cfg.prompt.length else f" ({positions} positions with workload={work.name})"
+            raise JobConfigError(
+                f"prompt.length={cfg.prompt.length}{needs} exceeds the model's {max_positions} positions")
         check_layers_exist(model, list(plan.kernels.specs))
         kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
         for kernel in kernels:
@@ -248,26 +233,22 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 result.tags[f"kernel_trust_remote_code_{kernel.layer}"] = str(trusted).lower()
             if kernel.note:
                 result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
-        use_cache = cfg.forward.use_cache
         result.tags["attn_implementation"] = str(model.config._attn_implementation)
-        result.tags["forward_path"] = forward_path(use_cache)
-        inputs = prompt_inputs(loaded.tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), plan.device)
+        result.tags["forward_path"] = work.forward_path(cfg)
+        inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
-    key = ReferenceKey(cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size, str(plan.reference_dtype),
-                       forward_path(use_cache))
+    key = ReferenceKey(work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size,
+                       str(plan.reference_dtype), result.tags["forward_path"])
     with phases("reference"):
-        reference = models.reference(key, lambda: reference_logits(model, inputs[0], plan.reference_dtype, use_cache))
-    if bad := nonfinite_count(reference):
-        raise SkipJob(f"the model overflows even in {plan.reference_dtype} at this length: the reference has "
-                      f"{bad} non-finite values")
+        reference = models.reference(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
     switch = None
     if kernels:
         status("kernelizing")
         with phases("kernelize"):
-            switch = KernelSwitch.apply(model, kernels, plan.device)
+            switch = KernelSwitch.apply(model, kernels, plan.device, work.kernel_mode)
         for layer, count in switch.replaced.items():
             result.metrics[f"kernelized_{layer}"] = count
         result.metrics["kernelized_total"] = sum(switch.replaced.values())
@@ -278,105 +259,52 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    status("numerics")
-    with phases("numerics"):
-        if switch is None:
-            baseline = forward_logits(model, inputs[0], use_cache)
-            _check_baseline_finite(model, baseline, inputs[0], cfg, plan)
-            result.metrics["ref_err_baseline"] = relative_error(baseline, reference)
-        else:
-            result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status)
-
-        status("checking every input set's outputs")
-        for ids in inputs[1:]:
-            _check_baseline_finite(model, forward_logits(model, ids, use_cache), ids, cfg, plan)
-            if switch is not None:
-                with switch.active():
-                    _check_kernel_finite(model, switch, forward_logits(model, ids, use_cache), ids, use_cache)
-    result.tags |= contention_tags(plan.device)
-    _time(model, switch, inputs, cfg, plan, result, status, phases)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status)
+    with work.running(model):
+        with phases("numerics"):
+            sides = work.sides(job)
+            status("numerics")
+            result.metrics |= work.compare(job, sides)
+            status("checking every input set's outputs")
+            _check_other_input_sets(job, sides)
+        result.tags |= contention_tags(plan.device)
+        _time(sides, switch, inputs, cfg, plan, result, status, phases)
+    result.metrics |= work.timing_metrics(result.metrics, cfg)
     if plan.device.type == "cuda":
-        result.metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
+        peak = torch.cuda.max_memory_allocated(plan.device) / 2**20
+        result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), peak)
 
 
-def _generated_tokens(cfg, max_positions: int | None, result: JobResult) -> int:
-    """`numerics.gen_tokens`, clipped so that prompt and generation stay within the model's positions."""
-    wanted = cfg.numerics.gen_tokens
-    if max_positions is None or cfg.prompt.length + wanted <= max_positions:
-        return wanted
-    clipped = max_positions - cfg.prompt.length
-    result.tags["gen_note"] = (
-        f"numerics.gen_tokens={wanted} clipped to {clipped}: prompt.length={cfg.prompt.length} plus the generated "
-        f"tokens may not exceed the model's {max_positions} positions"
-    )
-    return clipped
+def _check_other_input_sets(job: JobState, sides: Sides) -> None:
+    """The workload's numerics checked input set 0's outputs; timing runs the other sets too."""
+    for ids in job.inputs[1:]:
+        check_baseline_finite(job, sides.baseline(ids), partial(sides.baseline, ids))
+        if sides.kernel is not None and job.switch is not None:
+            with job.switch.active():
+                kernel = sides.kernel(ids)
+            check_kernel_finite(job, kernel, partial(sides.kernel, ids))
 
 
-def _check_baseline_finite(model, logits: torch.Tensor, input_ids, cfg, plan: JobPlan) -> None:
-    """NaN or Inf without kernels: the model itself overflows at this dtype and length; nothing to compare."""
-    if bad := nonfinite_count(logits):
-        where = first_nonfinite_module(model, lambda: forward_logits(model, input_ids, cfg.forward.use_cache))
-        raise SkipJob(f"the model itself overflows in {plan.dtype} at T={cfg.prompt.length}: baseline output has "
-                      f"{bad} non-finite values, first at {where}")
-
-
-def _check_kernel_finite(model, switch: KernelSwitch, logits: torch.Tensor, input_ids, use_cache) -> None:
-    """NaN or Inf with kernels where the baseline was finite: the kernel is broken (the run fails)."""
-    if bad := nonfinite_count(logits):
-        with switch.active():
-            where = first_nonfinite_module(model, lambda: forward_logits(model, input_ids, use_cache))
-        raise KernelOutputError(f"kernel output has {bad} non-finite values, first at {where}")
-
-
-def _numerics(
-    model, switch: KernelSwitch, input_ids, reference, cfg, plan: JobPlan, gen_tokens: int, result: JobResult,
-    status: StatusHook,
-) -> dict[str, float]:
-    """The numerics metrics, returned only once all of them are computed."""
-    metrics: dict[str, float] = {}
-    use_cache = cfg.forward.use_cache
-    if cfg.numerics.per_layer:
-        baseline, kernel, records = traced_logits(model, switch, input_ids, use_cache)
-    else:
-        baseline, kernel = kernel_and_baseline_logits(model, switch, input_ids, use_cache)
-    _check_baseline_finite(model, baseline, input_ids, cfg, plan)
-    _check_kernel_finite(model, switch, kernel, input_ids, use_cache)
-    if cfg.numerics.per_layer:
-        metrics |= layer_metrics(records)
-        result.artifacts["layers/layers.csv"] = layers_csv(records)
-        result.artifacts["layers/layers.png"] = layers_png(records, f"{result.name}: where the kernels differ")
-    metrics |= compare_outputs(baseline, kernel, reference)
-    metrics |= distribution_metrics(baseline, kernel)
-    del baseline, kernel
-    metrics["gen_tokens"] = gen_tokens
-    if gen_tokens > 0:
-        status(f"generating {gen_tokens} tokens")
-        metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
-    return metrics
-
-
-def _runners(mode: TimingMode, model, switch, inputs, use_cache) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> tuple[Runner, Runner | None]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
     before capture (graph): switching forwards is never inside a timed forward."""
     make = GraphRunner if mode == TimingMode.graph else EagerRunner
-
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        return forward_logits(model, input_ids, use_cache)
-
-    if switch is None:
-        return make(forward, inputs), None
-    return make(forward, inputs, lambda: switch.select(False)), make(forward, inputs, lambda: switch.select(True))
+    if switch is None or sides.kernel is None:
+        return make(sides.baseline, inputs), None
+    return (make(sides.baseline, inputs, lambda: switch.select(False)),
+            make(sides.kernel, inputs, lambda: switch.select(True)))
 
 
-def _time(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook, phases: Phases) -> None:
+def _time(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
+          phases: Phases) -> None:
     try:
-        _time_modes(model, switch, inputs, cfg, plan, result, status, phases)
+        _time_modes(sides, switch, inputs, cfg, plan, result, status, phases)
     finally:
         if switch is not None:
             switch.select(False)
 
 
-def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
+def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
                 phases: Phases) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
     replay_errors: list[float] = []
@@ -385,7 +313,7 @@ def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, st
         status(f"timing ({mode.value})")
         try:
             with phases("capture" if mode == TimingMode.graph else "timing"):
-                baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache)
+                baseline, kernel = _runners(mode, sides, switch, inputs)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
                 raise

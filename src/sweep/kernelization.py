@@ -252,14 +252,20 @@ class KernelSwitch:
         self.replaced = {layer: counts.get(layer, 0) for layer in requested}
 
     @classmethod
-    def apply(cls, model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device) -> KernelSwitch:
+    def apply(
+        cls, model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device, mode: Mode = Mode.INFERENCE
+    ) -> KernelSwitch:
         repositories = {k.layer: replace(k.repository, backend=device.type) for k in kernels}
         for repository in repositories.values():
-            repository.load()  # a missing build or dependency is this job's skip reason, before kernelize
+            layer = repository.load()  # a missing build or dependency is this job's skip reason, before kernelize
+            if Mode.TRAINING in mode and not getattr(layer, "has_backward", True):
+                # kernelize would silently keep the original forward for training (its own default is True too)
+                raise SkipJob(f"the kernel {repository} declares no backward (has_backward = False), so kernelize "
+                              "does not use it for training; measure it with workload=prefill or workload=decode")
         mapping = {layer: {device.type: repository} for layer, repository in repositories.items()}
         try:
             with use_kernel_mapping(mapping, inherit_mapping=False), _quiet("kernels.layer.layer"):
-                kernelize(model, mode=Mode.INFERENCE, device=device.type, use_fallback=KernelizeFallback.DEFAULT)
+                kernelize(model, mode=mode, device=device.type, use_fallback=KernelizeFallback.DEFAULT)
         finally:
             forwards = _detach_forwards(model)
         return cls(forwards, [k.layer for k in kernels])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -117,8 +118,9 @@ def load_tokenizer(cfg: ModelConfig, vocab_size: int) -> object:
 
 @dataclass(frozen=True)
 class ReferenceKey:
-    """Everything besides the model (which the cache holds one of) that determines reference logits."""
+    """Everything besides the model (which the cache holds one of) that determines a workload's reference."""
 
+    workload: str
     prompt_text: str
     prompt_length: int
     batch_size: int
@@ -128,12 +130,12 @@ class ReferenceKey:
 
 class ModelCache:
     """One model per process at a time, reused by the jobs of a sweep that share (model, dtype, device);
-    with it, its high-precision reference logits per prompt, reference dtype and forward path."""
+    with it, its high-precision references per workload, prompt, reference dtype and forward path."""
 
     def __init__(self) -> None:
         self._key: tuple[str, str, str] | None = None
         self._loaded: LoadedModel | None = None
-        self._references: dict[ReferenceKey, torch.Tensor] = {}
+        self._references: dict[ReferenceKey, Any] = {}
 
     def get(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         key = (repr(cfg), str(dtype), str(device))
@@ -143,7 +145,7 @@ class ModelCache:
             self._key = key
         return self._loaded
 
-    def reference(self, key: ReferenceKey, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def reference(self, key: ReferenceKey, compute: Callable[[], Any]) -> Any:
         if key not in self._references:
             self._references[key] = compute()
         return self._references[key]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -23,8 +26,9 @@ def forward_path(use_cache: bool | None) -> str:
     return "default" if use_cache is None else f"use_cache={use_cache}"
 
 
-def nonfinite_count(values: torch.Tensor) -> int:
-    return int((~torch.isfinite(values)).sum())
+def nonfinite_count(values: torch.Tensor | Iterable[torch.Tensor]) -> int:
+    tensors = [values] if isinstance(values, torch.Tensor) else values
+    return sum(int((~torch.isfinite(tensor)).sum()) for tensor in tensors)
 
 
 _LOWERING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
@@ -56,23 +60,30 @@ class KeepPrecision(TorchFunctionMode):
         return value
 
 
-def reference_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype, use_cache: bool | None = None
-) -> torch.Tensor:
-    """The eager forward of the same weights in `reference_dtype`, computed in place to keep one copy of the
-    weights: the model is cast up, run, and every parameter and buffer cast back to its own dtype (an exact round
+@contextmanager
+def reference_precision(model: torch.nn.Module, reference_dtype: torch.dtype) -> Iterator[None]:
+    """Inside, the same weights run eagerly in `reference_dtype`, cast in place to keep one copy of the weights:
+    the model is cast up, and on exit every parameter and buffer is cast back to its own dtype (an exact round
     trip: every low-precision value is representable in the higher precision; buffers that transformers keeps in
-    float32, like RoPE's `inv_freq`, go back to float32, not to the run's dtype). Returned as float64 on the host."""
+    float32, like RoPE's `inv_freq`, go back to float32, not to the run's dtype)."""
     dtypes = _tensor_dtypes(model)
     model.to(reference_dtype)
     try:
         with KeepPrecision(reference_dtype):
-            logits = forward_logits(model, input_ids, use_cache).to(device="cpu", dtype=torch.float64)
+            yield
     finally:
         _restore_dtypes(model, dtypes)
-        if input_ids.device.type == "cuda":
+        if next(model.parameters()).device.type == "cuda":
             torch.cuda.empty_cache()
-    return logits
+
+
+def reference_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, reference_dtype: torch.dtype, use_cache: bool | None = None
+) -> torch.Tensor:
+    """The eager forward of the same weights in `reference_dtype` (see `reference_precision`), returned as
+    float64 on the host."""
+    with reference_precision(model, reference_dtype):
+        return forward_logits(model, input_ids, use_cache).to(device="cpu", dtype=torch.float64)
 
 
 def _tensor_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:

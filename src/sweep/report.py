@@ -25,12 +25,18 @@ DEFAULT_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "kernel-sweep"
 
 NUMERIC_PARAMS = ("prompt_len", "batch_size")
-PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode")
+PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload")
 OPTIONAL_METRICS = ("layer_err_ratio_max", "gen_match")
+# The step a run timed; runs logged before workloads existed were prefills. One report part per workload.
+WORKLOADS = ("prefill", "decode", "train")
+WORKLOAD_METRICS = (
+    "tokens_per_s_baseline", "tokens_per_s_kernel", "loss_diff", "grad_max_rel_diff", "grad_err_ratio",
+    "peak_mem_mb_baseline", "peak_mem_mb_kernel",
+)
 METRICS = (
     "latency_ms_baseline", "latency_ms_kernel", "speedup", "speedup_ci_low", "speedup_ci_high",
     "max_abs_diff", "mean_abs_diff", "argmax_match", "ref_err_baseline", "ref_err_kernel", "err_ratio",
-    "kernelized_total", *OPTIONAL_METRICS,
+    "kernelized_total", *OPTIONAL_METRICS, *WORKLOAD_METRICS,
 )
 # Runs whose fingerprints differ in any of these are never compared as if they came from the same machine.
 FINGERPRINT = (
@@ -68,6 +74,7 @@ def load_runs(
     frame["kernel_identity"] = kernel_identities(frame)
     text_columns = [c for c in (*PARAMS, *TAGS) if c not in NUMERIC_PARAMS]
     frame[text_columns] = frame[text_columns].astype(object).fillna("")
+    frame["workload"] = frame["workload"].replace("", WORKLOADS[0])
     return frame
 
 
@@ -162,17 +169,27 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Add the `gpu` label; keep one run per configuration, kernels (subset and identity) and fingerprint: the
     newest `measured` one, else the newest; `hidden_runs` counts the others; sort for display."""
     runs = runs.assign(gpu=hardware_labels(runs))
+    if "workload" not in runs:  # a frame built from runs that predate workloads
+        runs = runs.assign(workload=WORKLOADS[0])
     for column in ("kernel_identity", "run_status", "timing_mode_used"):
         if column not in runs.columns:
             runs[column] = ""
-    key = [*CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
+    key = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
     runs = runs.assign(_measured=runs["run_status"].isin(["measured", ""]))
     runs = runs.sort_values(["_measured", "start_time"], kind="stable")
     hidden = runs.groupby(key, dropna=False)["start_time"].transform("size") - 1
     runs = runs.assign(hidden_runs=hidden).drop_duplicates(key, keep="last").drop(columns="_measured")
-    order = runs.assign(_not_none=runs["kernels"] != "none")
-    order = order.sort_values([*CONFIG, "gpu", "_not_none", "kernels"], kind="stable")
-    return order.drop(columns="_not_none").reset_index(drop=True)
+    rank = {name: index for index, name in enumerate(WORKLOADS)}
+    order = runs.assign(_not_none=runs["kernels"] != "none",
+                        _workload=runs["workload"].map(lambda w: rank.get(w, len(rank))))
+    order = order.sort_values(["_workload", "workload", *CONFIG, "gpu", "_not_none", "kernels"], kind="stable")
+    return order.drop(columns=["_not_none", "_workload"]).reset_index(drop=True)
+
+
+def workload_parts(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(workload, its runs) in display order: a prefill, a decode step and a training step are never compared
+    in one column."""
+    return [(str(name), group) for name, group in runs.groupby("workload", sort=False)]
 
 
 def kernel_labels(runs: pd.DataFrame) -> pd.Series:
@@ -198,6 +215,18 @@ def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return sections
 
 
+# Per workload, what its rows compare: (column, metric, format).
+ACCURACY_COLUMNS = {
+    "train": (("loss diff", "loss_diff", ".3g"), ("grad rel diff", "grad_max_rel_diff", ".3g"),
+              ("grad_err_ratio", "grad_err_ratio", ".3g"), ("peak MB baseline", "peak_mem_mb_baseline", ".0f"),
+              ("peak MB kernel", "peak_mem_mb_kernel", ".0f")),
+    "decode": (("tokens/s kernel", "tokens_per_s_kernel", ".4g"), ("max diff", "max_abs_diff", ".3g"),
+               ("argmax match", "argmax_match", ".3g"), ("err_ratio", "err_ratio", ".3g")),
+}
+DEFAULT_ACCURACY_COLUMNS = (("max diff", "max_abs_diff", ".3g"), ("argmax match", "argmax_match", ".3g"),
+                            ("err_ratio", "err_ratio", ".3g"))
+
+
 def run_table(group: pd.DataFrame) -> pd.DataFrame:
     """Formatted rows of one section; optional metrics get a column only where the section has them."""
     table = pd.DataFrame({
@@ -206,10 +235,10 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
         "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
         "speedup [CI]": [_speedup(r.speedup, r.speedup_ci_low, r.speedup_ci_high) + mode_marker(r.timing_mode_used)
                          if not pd.isna(r.speedup) else "" for r in group.itertuples()],
-        "max diff": group["max_abs_diff"].map(lambda v: _fmt(v, ".3g")),
-        "argmax match": group["argmax_match"].map(lambda v: _fmt(v, ".3g")),
-        "err_ratio": group["err_ratio"].map(lambda v: _fmt(v, ".3g")),
     })
+    workload = group["workload"].iloc[0] if len(group) else WORKLOADS[0]
+    for column, metric, spec in ACCURACY_COLUMNS.get(workload, DEFAULT_ACCURACY_COLUMNS):
+        table[column] = group[metric].map(lambda v, spec=spec: _fmt(v, spec))
     for metric in OPTIONAL_METRICS:
         if group[metric].notna().any():
             table[metric] = group[metric].map(lambda v: _fmt(v, ".3g"))
@@ -233,8 +262,9 @@ def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 
 def export_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Numeric, one-row-per-run table for CSV."""
-    columns = [*CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, "timing_mode_used", "run_status",
-               "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id", "run_id", "store", "start_time"]
+    columns = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, "timing_mode_used",
+               "run_status", "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id", "run_id", "store",
+               "start_time"]
     return runs[columns]
 
 
@@ -265,6 +295,17 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
     """The whole report as text in `fmt` (md, csv or html); `plots` are image file names to link."""
     if fmt == "csv":
         return export_table(runs).to_csv(index=False)
+    parts = []
+    for workload, part in workload_parts(runs):
+        parts.append((workload, _marked_pivot(part), section_tables(part.assign(kernel_label=kernel_labels(part)))))
+    intro = _intro(runs)
+    if fmt == "md":
+        return _markdown(intro, parts, plots)
+    return _html(intro, parts, plots)
+
+
+def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
+    """The speedup pivot as text, each speedup marked with the timing mode it was measured in (unless graph)."""
     pivot = speedup_pivot(runs)
     gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
     modes = runs.assign(kernels=kernel_labels(runs)).pivot(index=[*CONFIG, "kernels"], columns="gpu",
@@ -272,11 +313,13 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
     modes = modes.reindex(pd.MultiIndex.from_frame(pivot[[*CONFIG, "kernels"]]))[gpus].to_numpy()
     pivot[gpus] = [[("" if pd.isna(v) else f"{v:.2f}x" + mode_marker(m)) for v, m in zip(values, row_modes)]
                    for values, row_modes in zip(pivot[gpus].to_numpy(), modes)]
-    sections = section_tables(runs.assign(kernel_label=kernel_labels(runs)))
-    intro = _intro(runs)
-    if fmt == "md":
-        return _markdown(intro, pivot, sections, plots)
-    return _html(intro, pivot, sections, plots)
+    return pivot
+
+
+WORKLOAD_TITLES = {"prefill": "prefill: one forward over the prompt",
+                   "decode": "decode: one generation step after the prompt (KV cache)",
+                   "train": "train: one forward and backward of the loss on the prompt"}
+Part = tuple[str, pd.DataFrame, list[tuple[str, pd.DataFrame]]]  # workload, speedup pivot, sections
 
 
 def _intro(runs: pd.DataFrame) -> str:
@@ -289,10 +332,13 @@ def _intro(runs: pd.DataFrame) -> str:
             "CUDA graphs unless marked (eager). An infinite ratio is printed as ∞.")
 
 
-def _markdown(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], plots: Sequence[str]) -> str:
-    parts = ["# Kernel sweep report", intro, "## Speedup by GPU", markdown_table(pivot), "## Results"]
-    for title, table in sections:
-        parts += [f"### {title}", markdown_table(table)]
+def _markdown(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
+    parts = ["# Kernel sweep report", intro]
+    for workload, pivot, sections in workloads:
+        parts += [f"## {WORKLOAD_TITLES.get(workload, workload)}", "### Speedup by GPU", markdown_table(pivot),
+                  "### Results"]
+        for title, table in sections:
+            parts += [f"#### {title}", markdown_table(table)]
     if plots:
         parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"
@@ -309,11 +355,13 @@ def _cell(value: object) -> str:
     return "" if pd.isna(value) else str(value).replace("|", r"\|")
 
 
-def _html(intro: str, pivot: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], plots: Sequence[str]) -> str:
-    parts = [f"<h1>Kernel sweep report</h1>\n<p>{html.escape(intro)}</p>",
-             "<h2>Speedup by GPU</h2>", pivot.to_html(index=False), "<h2>Results</h2>"]
-    for title, table in sections:
-        parts += [f"<h3>{html.escape(title)}</h3>", table.to_html(index=False)]
+def _html(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
+    parts = [f"<h1>Kernel sweep report</h1>\n<p>{html.escape(intro)}</p>"]
+    for workload, pivot, sections in workloads:
+        parts += [f"<h2>{html.escape(WORKLOAD_TITLES.get(workload, workload))}</h2>", "<h3>Speedup by GPU</h3>",
+                  pivot.to_html(index=False), "<h3>Results</h3>"]
+        for title, table in sections:
+            parts += [f"<h4>{html.escape(title)}</h4>", table.to_html(index=False)]
     if plots:
         parts += ["<h2>Plots</h2>", *(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)]
     style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px} img{max-width:100%}"
@@ -342,7 +390,7 @@ def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
     if data.empty:
         return None
     panels = list(data.groupby(["dtype", "kernels"], sort=False))
-    extra = [c for c in ("model", "batch_size", "timing_mode") if data[c].nunique() > 1]
+    extra = [c for c in ("workload", "model", "batch_size", "timing_mode") if data[c].nunique() > 1]
     ncols = min(3, len(panels))
     figure = Figure(figsize=(5 * ncols, 3.8 * math.ceil(len(panels) / ncols)), layout="constrained")
     axes = figure.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False).ravel()
@@ -362,7 +410,7 @@ def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     figure.suptitle("Kernel speedup vs prompt length (error bars: confidence interval; dashed: no change)\n"
-                    + _constants(data, ("model", "batch_size", "timing_mode")))
+                    + _constants(data, ("workload", "model", "batch_size", "timing_mode")))
     return figure
 
 
@@ -371,7 +419,7 @@ def plot_err_ratio(runs: pd.DataFrame) -> Figure | None:
     data = runs[runs["err_ratio"].notna()]
     if data.empty:
         return None
-    fields = [c for c in (*CONFIG, "kernels") if c == "kernels" or data[c].nunique() > 1]
+    fields = [c for c in ("workload", *CONFIG, "kernels") if c == "kernels" or data[c].nunique() > 1]
     config = data[fields].astype(str).agg(", ".join, axis=1)
     configs = list(dict.fromkeys(config))
     gpus = sorted(data["gpu"].unique())

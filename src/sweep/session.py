@@ -24,7 +24,7 @@ from .models import ModelCache
 from .redaction import redact_uri
 from .results import JobResult, RunStatus
 from .spool import Spool, SpoolError
-from .summary import accuracy_table, has_accuracy, summary_table
+from .summary import sweep_tables
 from .sweep_page import Links, report_files, sweep_page
 from .sync import Delivery
 from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
@@ -149,9 +149,8 @@ class SweepSession:
         self._failed = counts[RunStatus.failed.value]
         summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
         self.delivery.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
-        self.console.print(summary_table(stored, title=title))
-        if has_accuracy(stored):
-            self.console.print(accuracy_table(stored))
+        for table in sweep_tables(stored, title):
+            self.console.print(table)
         if resumed:
             self.console.print("skipped, already measured (resume=false measures them again):\n  "
                                + "\n  ".join(resumed))

@@ -90,6 +90,42 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
     ("status", _status),
 )
 
+
+def _metric(column: str, metric: str, fmt: str) -> Column:
+    return column, lambda r: _number(r, metric, fmt)
+
+
+# What the timing table compares besides the speedup, for workloads whose step is not a prefill.
+_COMPARED_BY_WORKLOAD: dict[str, tuple[Column, ...]] = {
+    "train": (_metric("loss diff", "loss_diff", ".3g"), _metric("grad rel diff", "grad_max_rel_diff", ".3g"),
+              _metric("grad_err_ratio", "grad_err_ratio", ".3f"),
+              _metric("peak MB baseline", "peak_mem_mb_baseline", ".0f"),
+              _metric("peak MB kernel", "peak_mem_mb_kernel", ".0f")),
+    "decode": (_metric("tokens/s kernel", "tokens_per_s_kernel", ".4g"), _metric("max diff", "max_abs_diff", ".4g"),
+               _metric("argmax", "argmax_match", ".3f"), _metric("err_ratio", "err_ratio", ".3f")),
+}
+
+
+def workload_of(result: JobResult) -> str:
+    """Runs logged before the workload axis existed were prefills."""
+    return result.params.get("workload", "prefill")
+
+
+def summary_columns(workload: str) -> tuple[Column, ...]:
+    """The timing table's columns for one workload: a prefill, a decode step and a training step never share one."""
+    if workload not in _COMPARED_BY_WORKLOAD:
+        return SUMMARY_COLUMNS
+    return (*SUMMARY_COLUMNS[:6], *_COMPARED_BY_WORKLOAD[workload], SUMMARY_COLUMNS[-1])
+
+
+def by_workload(results: Sequence[JobResult]) -> dict[str, list[JobResult]]:
+    """The results per workload, workloads in the order they first ran."""
+    groups: dict[str, list[JobResult]] = {}
+    for result in results:
+        groups.setdefault(workload_of(result), []).append(result)
+    return groups
+
+
 ACCURACY_COLUMNS: tuple[Column, ...] = (
     *JOB_COLUMNS,
     ("max diff", lambda r: _number(r, "max_abs_diff", ".4g")),
@@ -124,12 +160,26 @@ def _rich(frame: pd.DataFrame, title: str, caption: str) -> Table:
 
 
 def summary_table(results: Sequence[JobResult], title: str = "sweep") -> Table:
-    return _rich(table_frame(results, SUMMARY_COLUMNS), title, SUMMARY_CAPTION)
+    """One workload's jobs (see `sweep_tables` for several)."""
+    workload = workload_of(results[0]) if results else "prefill"
+    return _rich(table_frame(results, summary_columns(workload)), title, SUMMARY_CAPTION)
 
 
 def accuracy_table(results: Sequence[JobResult], title: str = "accuracy") -> Table:
     """Is the kernel worse than eager or just different, where does it start, does it change generation?"""
     return _rich(table_frame(results, ACCURACY_COLUMNS), title, ACCURACY_CAPTION)
+
+
+def sweep_tables(results: Sequence[JobResult], title: str) -> list[Table]:
+    """The end-of-sweep tables: per workload, the timing table and, where logits were compared, the accuracy one."""
+    groups = by_workload(results) or {"prefill": []}
+    tables = []
+    for workload, mine in groups.items():
+        suffix = f": {workload}" if len(groups) > 1 else ""
+        tables.append(summary_table(mine, title=title + suffix))
+        if has_accuracy(mine):
+            tables.append(accuracy_table(mine, title="accuracy" + suffix))
+    return tables
 
 
 def job_description(result: JobResult) -> str:

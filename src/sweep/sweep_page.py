@@ -18,10 +18,11 @@ from .summary import (
     ACCURACY_CAPTION,
     ACCURACY_COLUMNS,
     SUMMARY_CAPTION,
-    SUMMARY_COLUMNS,
     Column,
+    by_workload,
     grouped,
     has_accuracy,
+    summary_columns,
     table_frame,
 )
 
@@ -86,9 +87,12 @@ def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: 
              "the job column links to it."]
     if has_chart:
         parts.append(f"![speedup per job]({links.artifact(sweep_id, CHART)})")
-    parts += ["#### Timing", _markdown(shown, SUMMARY_COLUMNS, run_link), f"*{SUMMARY_CAPTION}*"]
-    if has_accuracy(shown):
-        parts += ["#### Accuracy", _markdown(shown, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
+    groups = by_workload(shown)
+    for workload, jobs in groups.items():
+        suffix = f": {workload}" if len(groups) > 1 else ""
+        parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link), f"*{SUMMARY_CAPTION}*"]
+        if has_accuracy(jobs):
+            parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
     if len(shown) < total:
         parts.append(f"**Only the first {len(shown)} of {total} jobs fit here: all are in `{RESULTS_CSV}`.**")
     parts.append("Artifacts of this run: " + ", ".join(f"`{a}`" for a in artifacts) + ".")

@@ -1,0 +1,135 @@
+"""Workloads: what a job puts through the model (a prefill, one decode step, one training step), what it times
+and what it compares. Each says so through one small protocol; `job.py` conducts them all alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from hydra.core.config_store import ConfigStore
+from kernels import Mode
+
+from ..config import PromptConfig, WorkloadConfig
+from ..errors import KernelOutputError, SkipJob
+from ..forensics import first_nonfinite_module
+from ..kernelization import KernelSwitch
+from ..numerics import nonfinite_count
+from ..results import JobResult
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # one input set -> the output the graph replay is checked on
+StatusHook = Callable[[str], None]
+
+
+@dataclass
+class JobState:
+    """What the conductor hands a workload once the model is loaded and kernelized."""
+
+    model: torch.nn.Module
+    switch: KernelSwitch | None  # None: no kernels, the baseline alone
+    inputs: list[torch.Tensor]  # the timed forward's inputs, one per input set
+    reference: Any  # what the workload's `reference` returned
+    cfg: Any  # the job's SweepConfig
+    device: torch.device
+    dtype: torch.dtype  # the run's
+    result: JobResult
+    status: StatusHook
+
+
+@dataclass
+class Sides:
+    """The timed unit of each side. A side never switches kernels itself: the conductor selects the kernel side
+    (`KernelSwitch.select`) before running it and the baseline before the baseline, outside the timed region."""
+
+    baseline: Forward
+    kernel: Forward | None
+
+
+class Workload(Protocol):
+    name: ClassVar[str]
+    kernel_mode: ClassVar[Mode]  # how `kernelize` applies the kernels
+
+    def positions(self, prompt: PromptConfig) -> int:
+        """Positions the job puts through the model, checked against the model's."""
+
+    def forward_path(self, cfg: Any) -> str:
+        """The `forward_path` tag: which call of the model is timed and compared."""
+
+    def inputs(self, tokenizer: object, cfg: Any, device: torch.device) -> list[torch.Tensor]:
+        """The timed forward's inputs, `timing.input_sets` of them."""
+
+    def reference(
+        self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype, cfg: Any
+    ) -> Any:
+        """The higher-precision result the sides are compared against, through `numerics.reference_precision`
+        (the model is left bit-identical); cached per prompt, before kernelize. Non-finite: `SkipJob`."""
+
+    def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        """The model's state while the job compares and times; it is left as it was found."""
+
+    def sides(self, job: JobState) -> Sides:
+        """What to time, per side (prepared once: caches, buffers)."""
+
+    def compare(self, job: JobState, sides: Sides) -> dict[str, float]:
+        """The numerics metrics of input set 0, returned only once all of them are computed (tags and artifacts
+        go into `job.result`). Non-finite outputs: `check_baseline_finite`, `check_kernel_finite`."""
+
+    def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
+        """Metrics derived from the timing ones (e.g. tokens per second)."""
+
+
+def check_reference_finite(values: torch.Tensor | Iterable[torch.Tensor], reference_dtype: torch.dtype) -> None:
+    """NaN or Inf in the reference: even the higher precision overflows; nothing to compare against."""
+    if bad := nonfinite_count(values):
+        raise SkipJob(f"the model overflows even in {reference_dtype} at this length: the reference has "
+                      f"{bad} non-finite values")
+
+
+def check_baseline_finite(
+    job: JobState, outputs: torch.Tensor | Iterable[torch.Tensor], rerun: Callable[[], object],
+    after_forward: str = "the logits",
+) -> None:
+    """NaN or Inf without kernels: the model itself overflows at this dtype and length; the job is skipped.
+    `rerun` repeats the work that gave `outputs`, to find the first module whose output is not finite
+    (`after_forward`: where to say it is when every module's output is)."""
+    if bad := nonfinite_count(outputs):
+        where = first_nonfinite_module(job.model, rerun, after_forward)
+        raise SkipJob(f"the model itself overflows in {job.dtype} at T={job.cfg.prompt.length}: baseline output "
+                      f"has {bad} non-finite values, first at {where}")
+
+
+def check_kernel_finite(
+    job: JobState, outputs: torch.Tensor | Iterable[torch.Tensor], rerun: Callable[[], object],
+    after_forward: str = "the logits",
+) -> None:
+    """NaN or Inf with kernels where the baseline was finite: the kernel is broken; the job fails. `rerun` runs
+    with the kernels switched in."""
+    assert job.switch is not None
+    if bad := nonfinite_count(outputs):
+        with job.switch.active():
+            where = first_nonfinite_module(job.model, rerun, after_forward)
+        raise KernelOutputError(f"kernel output has {bad} non-finite values, first at {where}")
+
+
+# The workloads import the protocol above, so they are imported after it.
+from .decode import Decode, DecodeConfig  # noqa: E402
+from .prefill import Prefill, PrefillConfig  # noqa: E402
+from .train import Train, TrainConfig  # noqa: E402
+
+WORKLOADS: dict[str, type[Workload]] = {w.name: w for w in (Prefill, Decode, Train)}
+SCHEMAS: tuple[type[WorkloadConfig], ...] = (PrefillConfig, DecodeConfig, TrainConfig)
+
+
+def workload(cfg: WorkloadConfig | Any) -> Workload:
+    """A fresh workload for one job, by `workload.name`."""
+    if cfg.name not in WORKLOADS:
+        raise ValueError(f"workload={cfg.name} is not one of: {', '.join(WORKLOADS)}")
+    return WORKLOADS[cfg.name]()
+
+
+def register_workload_configs(store: ConfigStore) -> None:
+    """Each workload's schema in the `workload` group; conf/workload/<name>.yaml extends it."""
+    for schema in SCHEMAS:
+        store.store(group="workload", name=f"{schema.name}_schema", node=schema)

@@ -1,0 +1,194 @@
+"""train: one forward and backward of the causal-LM loss on the prompt (no optimizer step), timed, with the
+kernels applied for training. Compared: the loss, the gradients against eager's and against a higher-precision
+backward, and each side's peak memory (a training kernel's claim is often memory)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from kernels import Mode
+
+from ..config import PromptConfig, WorkloadConfig
+from ..forensics import layer_gradients, layer_metrics, layers_png, layers_with_gradients_csv, traced_logits
+from ..numerics import error_ratio, reference_precision
+from ..prompts import prompt_inputs
+from ..results import JobResult
+from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
+
+
+@dataclass
+class TrainConfig(WorkloadConfig):
+    name: str = "train"
+
+
+# Where a non-finite loss or gradient comes from when every module's forward output is finite.
+AFTER_FORWARD = "the loss or the backward (every module's forward output is finite)"
+
+
+@dataclass(frozen=True)
+class TrainReference:
+    """The loss and gradients of the higher-precision backward, or why there are none."""
+
+    loss: float | None
+    grads: list[torch.Tensor] | None  # per parameter, in the reference dtype, on the host
+    note: str = ""
+
+
+def training_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The causal-LM loss on `input_ids` and its gradient for every parameter; `.grad` is left untouched."""
+    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@contextmanager
+def trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Training mode and gradients for every parameter; on exit the model is as it was, with no `.grad` kept."""
+    parameters = list(model.parameters())
+    requires_grad = [p.requires_grad for p in parameters]
+    was_training = model.training
+    model.requires_grad_(True)
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for parameter, flag in zip(parameters, requires_grad):
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+
+
+class Train:
+    name: ClassVar[str] = "train"
+    kernel_mode: ClassVar[Mode] = Mode.TRAINING
+
+    def positions(self, prompt: PromptConfig) -> int:
+        return prompt.length
+
+    def forward_path(self, cfg: Any) -> str:
+        """`forward.use_cache` does not apply: a training step keeps no cache."""
+        return "training_step"
+
+    def inputs(self, tokenizer: object, cfg: Any, device: torch.device) -> list[torch.Tensor]:
+        return prompt_inputs(tokenizer, cfg.prompt, max(1, cfg.timing.input_sets), device)
+
+    def reference(
+        self, model: torch.nn.Module, inputs: list[torch.Tensor], reference_dtype: torch.dtype, cfg: Any
+    ) -> Any:
+        """The same step in `reference_dtype`. When it does not fit in the device's memory, only the metrics
+        against it are lost: the note says so."""
+        with trainable(model), reference_precision(model, reference_dtype):
+            try:
+                loss, grads = training_step(model, inputs[0])
+                reference = TrainReference(float(loss), [g.to("cpu") for g in grads])
+            except torch.cuda.OutOfMemoryError as error:
+                message = str(error).splitlines()[0]
+                return TrainReference(None, None, f"the {reference_dtype} reference backward does not fit: "
+                                                  f"{message}; grad_err_* not measured")
+        check_reference_finite([loss, *reference.grads], reference_dtype)
+        return reference
+
+    def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        return trainable(model)
+
+    def sides(self, job: JobState) -> Sides:
+        """The timed output is the input embeddings' gradient: the backward's last, it depends on every layer and
+        on which tokens the input holds, so the graph replay check sees a stale or wrong replay."""
+        parameters = list(job.model.parameters())
+        embeddings = job.model.get_input_embeddings().weight
+        index = next(i for i, p in enumerate(parameters) if p is embeddings)
+
+        def step(input_ids: torch.Tensor) -> torch.Tensor:
+            return training_step(job.model, input_ids)[1][index]
+
+        return Sides(baseline=step, kernel=step if job.switch is not None else None)
+
+    def compare(self, job: JobState, sides: Sides) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+
+        def rerun() -> object:
+            return training_step(job.model, job.inputs[0])
+
+        base_loss, base_grads = _measured_step(job, metrics, "baseline")
+        check_baseline_finite(job, [base_loss, *base_grads], rerun, AFTER_FORWARD)
+        reference: TrainReference = job.reference
+        if reference.grads is None:
+            job.result.tags["reference_note"] = reference.note
+        else:
+            metrics["grad_err_baseline"] = _gradient_error(base_grads, reference.grads, job.device)
+        if job.switch is None:
+            return metrics
+        with job.switch.active():
+            kernel_loss, kernel_grads = _measured_step(job, metrics, "kernel")
+        check_kernel_finite(job, [kernel_loss, *kernel_grads], rerun, AFTER_FORWARD)
+        if job.cfg.numerics.per_layer:
+            job.status("per-layer gradients")
+            metrics |= _layer_table(job)
+        metrics["loss_diff"] = abs(float(kernel_loss) - float(base_loss))
+        metrics["grad_max_rel_diff"] = max(_relative_diff(k, b, job.device) for k, b in zip(kernel_grads, base_grads))
+        if reference.grads is not None:
+            metrics["grad_err_kernel"] = _gradient_error(kernel_grads, reference.grads, job.device)
+            metrics["grad_err_ratio"] = error_ratio(metrics["grad_err_kernel"], metrics["grad_err_baseline"])
+        return metrics
+
+    def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
+        return {}
+
+
+def _layer_table(job: JobState) -> dict[str, float]:
+    """Prefill's per-layer table of the prompt's forward, with each module's input gradient beside it; returns
+    its metrics."""
+    assert job.switch is not None
+    _, _, records = traced_logits(job.model, job.switch, job.inputs[0])
+    gradients = layer_gradients(job.model, job.switch, job.inputs[0], job.cfg.seed)
+    job.result.artifacts["layers/layers.csv"] = layers_with_gradients_csv(records, gradients)
+    job.result.artifacts["layers/layers.png"] = layers_png(records, f"{job.result.name}: where the kernels differ")
+    return layer_metrics(records) | {"layer_grad_err_ratio_max": max((g.grad_err_ratio for g in gradients),
+                                                                       default=1.0)}
+
+
+def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step, its peak memory on CUDA (`peak_mem_mb_<side>` in `metrics`), its loss and gradients moved to the
+    host so that the other side starts from the same memory."""
+    with _peak_memory(job.device, job.result, metrics, side):
+        loss, grads = training_step(job.model, job.inputs[0])
+    return loss.to("cpu"), [g.to("cpu") for g in grads]
+
+
+@contextmanager
+def _peak_memory(device: torch.device, result: JobResult, metrics: dict[str, float], side: str) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    # The job's peak so far stays in `peak_mem_mb` (the job takes the max at its end).
+    so_far = torch.cuda.max_memory_allocated(device) / 2**20
+    result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), so_far)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield
+    torch.cuda.synchronize(device)
+    metrics[f"peak_mem_mb_{side}"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _relative_diff(values: torch.Tensor, base: torch.Tensor, device: torch.device) -> float:
+    """‖values − base‖ / ‖base‖ in float64; 0 when both are zero, inf when only `base` is."""
+    base = base.to(device, torch.float64)
+    diff = float(torch.linalg.vector_norm(values.to(device, torch.float64) - base))
+    norm = float(torch.linalg.vector_norm(base))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def _gradient_error(grads: list[torch.Tensor], reference: list[torch.Tensor], device: torch.device) -> float:
+    """Relative L2 error of all gradients together: ‖g − ref‖ / ‖ref‖ over every parameter."""
+    squared_error = squared_norm = 0.0
+    for grad, ref in zip(grads, reference):
+        ref = ref.to(device, torch.float64)
+        squared_error += float(torch.linalg.vector_norm(grad.to(device, torch.float64) - ref) ** 2)
+        squared_norm += float(torch.linalg.vector_norm(ref) ** 2)
+    return math.sqrt(squared_error) / math.sqrt(squared_norm)
