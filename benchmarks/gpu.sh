@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything sweep asks of a lent GPU, in one call; stores and logs go to $OUT (the device tool brings it back).
 #   bash benchmarks/gpu.sh [section ...]
-#   sections: env mission install tests accuracy llama8b coverage precision oom workloads workloads8b
+#   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
+#   scale (2+ GPUs)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -19,14 +20,15 @@ install() {  # the README's install command, as far as a machine without a netwo
     PYTHONPATH=/tmp/site python3 -m sweep 2>&1 | tail -12  # the README's run command (python is python3 there)
 }
 
-tests() { python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3; }
+tests() { python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tail -4; }
 
 mission() {  # the original report's table; wall time from process start to the summary table, bytecode compiled
     python3 -m compileall -q -j 16 /tmp/site src
     for run in first-on-this-machine cold-triton-cache; do
         rm -rf ~/.triton/cache
         local start=$(date +%s%N)
-        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both tracking.uri=$store > $OUT/mission-$run.log 2>&1
+        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both resume=false tracking.uri=$store \
+            > $OUT/mission-$run.log 2>&1
         echo "mission sweep wall ($run): $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to summary table)"
     done
     grep -A12 "^ *sweep " $OUT/mission-cold-triton-cache.log | head -14
@@ -52,11 +54,92 @@ llama8b() {
 
 precision() { python3 benchmarks/timing_precision.py --lengths 118 8192 --repeats 10 2>&1 | tail -9; }
 
-oom() {  # a combination that cannot fit between two that do: the sweep goes on and the next job measures
-    python3 -m sweep -m model=llama3-8b-shape,tiny-llama prompt.batch_size=1,48 prompt.length=2048 kernels=rms \
-        timing.budget_s=5 tracking.uri=$store > $OUT/oom.log 2>&1  # the 8B shape at batch 48 cannot fit
-    echo "oom sweep exit code: $?"
-    tail -16 $OUT/oom.log
+survive() {  # issue 11: the 8B shape out of memory between two batch sizes that fit (one model: the cache is
+    # dropped and reloaded), then GPU test kernels that allocate 1 TiB for real (in capture, in eager timing), raise
+    # in their forward (numerics, capture) or trigger a device-side assert (sticky CUDA error policy)
+    local survive_store="sqlite:///$OUT/survive.db"
+    echo "== 1. Llama-3-8B shape, T=2048: B=1 fits, B=64 cannot (its float32 reference logits alone are 67 GB), B=2 fits"
+    python3 -m sweep -m model=llama3-8b-shape prompt.length=2048 prompt.batch_size=1,64,2 dtype=bf16 kernels=both \
+      kernels.source=bundled timing.budget_s=10 numerics.gen_tokens=4 tracking.uri=$survive_store > $OUT/oom8b.log 2>&1
+    echo "exit code $? (1: a job failed)"; tail -22 $OUT/oom8b.log
+
+    # GPU kernel repositories: an exact RMSNorm that, from its N-th call on, allocates 1 TiB, raises, or asserts.
+    python3 - /tmp/survive <<'PY'
+import sys
+import textwrap
+from pathlib import Path
+sys.path.insert(0, "tests")
+from kernel_repos import EXACT_RMSNORM, write_kernel_repo
+root = Path(sys.argv[1]); (root / "conf" / "kernels").mkdir(parents=True, exist_ok=True)
+faults = {  # RMSNorm forwards: numerics 1-9 (per_layer off, no generation), graph warm-up 10-27, capture 28-36
+    "a_fits": ("", 1),
+    "b_oom_capture": ("torch.empty(2**40, dtype=torch.uint8, device=hidden_states.device)", 30),
+    "c_raise_numerics": ("raise ValueError('kernel bug at call %d' % _calls)", 1),
+    "d_raise_capture": ("raise ValueError('kernel bug at call %d' % _calls)", 30),
+    "e_oom_eager_timing": ("torch.empty(2**40, dtype=torch.uint8, device=hidden_states.device)", 40),
+    "f_device_assert": ("torch.zeros(1, device=hidden_states.device)[torch.tensor([3], device=hidden_states.device)].item()", 1),
+    "g_fits": ("", 1),
+}
+for name, (fault, at_call) in faults.items():
+    body = (f"global _calls\n_calls = globals().get('_calls', 0) + 1\nif _calls >= {at_call}:\n    {fault}\n"
+            if fault else "") + textwrap.dedent(EXACT_RMSNORM)
+    repo = write_kernel_repo(root, name, "ExactRMSNorm", body, variant="torch-cuda")
+    (root / "conf" / "kernels" / f"{name}.yaml").write_text(
+        f"name: {name}\nRMSNorm: {{layer_name: ExactRMSNorm, path: {repo}}}\n")
+PY
+    local common="--config-dir /tmp/survive/conf dtype=bf16 numerics.per_layer=false numerics.gen_tokens=0 timing.budget_s=3"
+    echo "== 2. graph timing: fits, OOM in capture, raise in numerics, raise in capture, fits"
+    python3 -m sweep -m $common kernels=a_fits,b_oom_capture,c_raise_numerics,d_raise_capture,g_fits tracking.uri=$survive_store \
+      > $OUT/kernels-graph.log 2>&1; echo "exit code $?"; tail -16 $OUT/kernels-graph.log
+    echo "== 3. eager timing: fits, OOM in timing, fits"
+    python3 -m sweep -m $common timing.mode=eager kernels=a_fits,e_oom_eager_timing,g_fits tracking.uri=$survive_store \
+      > $OUT/kernels-eager.log 2>&1; echo "exit code $?"; tail -12 $OUT/kernels-eager.log
+    echo "== 4. sticky CUDA error: fits, device-side assert, then every later job 'CUDA context lost'"
+    python3 -m sweep -m $common kernels=a_fits,f_device_assert,g_fits tracking.uri=$survive_store > $OUT/kernels-sticky.log 2>&1
+    echo "exit code $?"; tail -12 $OUT/kernels-sticky.log
+
+    python3 - "$survive_store" <<'PY'
+import sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=sys.argv[1])
+exp = client.get_experiment_by_name("kernel-sweep")
+runs = client.search_runs([exp.experiment_id], "tags.sweep_role = 'job'", order_by=["attributes.start_time ASC"])
+print(f"{len(runs)} job runs in the store; parents:",
+      [r.info.status for r in client.search_runs([exp.experiment_id], "tags.sweep_role = 'parent'")])
+for run in runs:
+    t, m = run.data.tags, run.data.metrics
+    phases = {k.removeprefix("phase_s_"): round(v, 2) for k, v in m.items() if k.startswith("phase_s_")}
+    print(f"{run.info.run_name:40} {t['run_status']:8} {t.get('failure_kind', ''):17} {t['status_reason'][:150]}")
+    print(f"{'':40} phases {phases} peak_mem_mb={m.get('peak_mem_mb', '-')} speedup={m.get('speedup', '-')}")
+PY
+}
+
+scale() {  # issue 12, on a machine with 2 or more GPUs: the 36-job grid with the parallel launcher (one worker per
+    # GPU), the same grid serially on one GPU, then their comparison. SCALE_STEP=parallel|serial|compare runs one
+    # step (each fits a 10-minute call; the stores stay in runs/scale-out/ on a warm machine), default all three.
+    mkdir -p runs/scale-out
+    local grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192 $SCALE_OVERRIDES)
+    local step start
+    for step in ${SCALE_STEP:-parallel serial compare}; do
+        start=$(date +%s)
+        case $step in
+          parallel)
+            nvidia-smi -L
+            python3 -m sweep -m "${grid[@]}" hydra/launcher=parallel \
+                tracking.uri=sqlite:///runs/scale-out/parallel.db > runs/scale-out/parallel.log 2>&1
+            echo "parallel sweep: exit $?, $(( $(date +%s) - start )) s from process start"
+            tail -45 runs/scale-out/parallel.log ;;
+          serial)
+            CUDA_VISIBLE_DEVICES=0 python3 -m sweep -m "${grid[@]}" tracking.uri=sqlite:///runs/scale-out/serial.db \
+                > runs/scale-out/serial.log 2>&1
+            echo "serial sweep: exit $?, $(( $(date +%s) - start )) s from process start"
+            tail -45 runs/scale-out/serial.log ;;
+          compare)
+            python3 benchmarks/compare_sweeps.py sqlite:///runs/scale-out/serial.db \
+                sqlite:///runs/scale-out/parallel.db --out runs/scale-out/compare.md ;;
+        esac
+    done
+    cp runs/scale-out/*.db runs/scale-out/*.log runs/scale-out/*.md "$OUT"/ 2>/dev/null
 }
 
 workloads() {  # decode at 118, 2048 and 8192 positions (8191 cached + 1), train at T=512 and 2048 with batch 8
@@ -77,7 +160,7 @@ workloads8b() {  # the Llama-3-8B shape on one GPU; train timed eagerly: two gra
 }
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(env mission install tests accuracy llama8b coverage precision oom)
+[ ${#sections[@]} -gt 0 ] || sections=(env mission install tests accuracy llama8b coverage precision survive)
 for section in "${sections[@]}"; do
     echo "== $section"
     case $section in env) env_info ;; *) "$section" ;; esac

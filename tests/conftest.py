@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +91,34 @@ def load_bundled_silu() -> Callable[[torch.Tensor], torch.Tensor]:
 
 def local_kernel(layer: str, path: Path, layer_name: str) -> list[str]:
     return [f"+kernels.{layer}={{path: {path}, layer_name: {layer_name}}}"]
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_hub_kernel(hub: Path, repo_id: str, kernel_dir: Path, ref: str) -> None:
+    """`kernel_dir` as `repo_id` at commit HUB_COMMIT, tagged `ref`, in the Hugging Face cache folder `hub`."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = hub / repo_folder_name(repo_id=repo_id, repo_type="kernel")
+    shutil.copytree(kernel_dir, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / ref).write_text(HUB_COMMIT)
+
+
+def offline_hub_job(tmp_path: Path, kernel_dir: Path, *overrides: str):
+    """One `python -m sweep` job with `kernels=rms` whose kernel `kernels` resolves from an offline Hub cache that
+    holds `kernel_dir` as kernels-community/liger-kernels version 3; returns that job's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    cache_hub_kernel(tmp_path / "hub", "kernels-community/liger-kernels", kernel_dir, "v3")
+    command = [sys.executable, "-m", "sweep", "kernels=rms", "dtype=fp32", *SHORT_PROMPT, *overrides,
+               f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_root={tmp_path}/art",
+               f"hydra.run.dir={tmp_path}/hydra"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    experiment = client.get_experiment_by_name("kernel-sweep")
+    [run] = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'job'")
+    return run

@@ -60,3 +60,15 @@ def write_kernel_repo(root: Path, name: str, layer: str, body: str, argument: st
     )
     (variant_dir / "__init__.py").write_text(source)
     return root / name
+
+
+def failing_rmsnorm(error: str, at_call: int) -> str:
+    """Exact RMSNorm whose `at_call`-th forward (counted over the process, from 1) raises `error`, a Python
+    expression such as `torch.OutOfMemoryError("...")`; later calls raise it too. The counter lives in the
+    kernel's module, which `kernels` imports once per process."""
+    return f"""
+    global _calls
+    _calls = globals().get("_calls", 0) + 1
+    if _calls >= {at_call}:
+        raise {error}
+""" + EXACT_RMSNORM

@@ -50,7 +50,7 @@ def test_mission_command_on_cpu_skips_the_cuda_kernels_and_logs_why(tmp_path):
         assert run.data.tags["gpu_name"] == "cpu"
         assert CONTRACT_PARAMS <= set(run.data.params)
     names = sorted(r.info.run_name for r in children)
-    assert names == sorted(f"{d} {k} T=118" for d in ("bf16", "fp32") for k in ("rms", "silu", "both"))
+    assert names == sorted(f"{d} {k}" for d in ("bf16", "fp32") for k in ("rms", "silu", "both"))  # what differs
     assert "6 skipped" in done.stdout
 
 
@@ -93,7 +93,7 @@ def test_workload_axis_logs_every_job_and_prints_one_table_per_workload(tmp_path
     assert all(r.data.tags["run_status"] == "measured" for r in children), [r.data.tags for r in children]
     assert {"tokens_per_s_baseline", "tokens_per_s_kernel", "err_ratio"} <= set(by_workload["decode"].data.metrics)
     assert {"loss_diff", "grad_max_rel_diff", "grad_err_ratio"} <= set(by_workload["train"].data.metrics)
-    assert by_workload["train"].info.run_name == "fp32 both_cpu T=40 train"
+    assert by_workload["train"].info.run_name == "train"  # what varies between the jobs
     for workload in ("prefill", "decode", "train"):
         assert f"s): {workload}" in done.stdout  # a summary table per workload
     assert "grad_err_ratio" in done.stdout and "3 measured, 0 skipped, 0 failed" in done.stdout

@@ -3,18 +3,12 @@ directories the tests create (no network), and the bundled fallback."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHORT_PROMPT
+from conftest import HUB_COMMIT, SHORT_PROMPT, cache_hub_kernel, offline_hub_job
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.file_download import repo_folder_name
-from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoModelForCausalLM
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
@@ -23,27 +17,13 @@ from sweep.job import run_job
 from sweep.prompts import prompt_inputs
 from sweep.results import RunStatus
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
 
 def test_hub_kernel_from_the_local_hub_cache(tmp_path, kernel_repos):
     """kernels-community/liger-kernels version 3, resolved and loaded by `kernels` from an offline Hub cache."""
-    repo = tmp_path / "hub" / repo_folder_name(repo_id="kernels-community/liger-kernels", repo_type="kernel")
-    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "v3").write_text(COMMIT)
     # The cached kernel names its layer ExactRMSNorm; the mission's config asks for LigerRMSNorm.
-    command = [sys.executable, "-m", "sweep", "kernels=rms", "kernels.RMSNorm.layer_name=ExactRMSNorm",
-               "dtype=fp32", *SHORT_PROMPT, f"tracking.uri=sqlite:///{tmp_path}/m.db",
-               f"tracking.artifact_root={tmp_path}/art", f"hydra.run.dir={tmp_path}/hydra"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
-    experiment = client.get_experiment_by_name("kernel-sweep")
-    [run] = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'job'")
+    run = offline_hub_job(tmp_path, kernel_repos["exact_rms"], "kernels.RMSNorm.layer_name=ExactRMSNorm")
     assert run.data.tags["run_status"] == "measured", run.data.tags["status_reason"]
-    assert run.data.tags["kernel_source_RMSNorm"] == f"hub:kernels-community/liger-kernels@{COMMIT}"
+    assert run.data.tags["kernel_source_RMSNorm"] == f"hub:kernels-community/liger-kernels@{HUB_COMMIT}"
     assert run.data.metrics["kernelized_RMSNorm"] == 9
 
 
@@ -89,10 +69,7 @@ def test_auto_source_falls_back_to_the_bundled_copy_and_records_it(make_config, 
 def test_auto_source_fails_on_a_version_the_cached_repository_does_not_have(
         make_config, models, tmp_path, monkeypatch, kernel_repos, override, message):
     """The repository is known (cached), so a wrong version is the user's error, never a silent fallback."""
-    repo = tmp_path / "hub" / repo_folder_name(repo_id="kernels-community/liger-kernels", repo_type="kernel")
-    shutil.copytree(kernel_repos["exact_rms"], repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "v3").write_text(COMMIT)
+    cache_hub_kernel(tmp_path / "hub", "kernels-community/liger-kernels", kernel_repos["exact_rms"], "v3")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("KERNELS_CACHE", str(tmp_path / "hub"))
     overrides = [override] + (["kernels.RMSNorm.version=null"] if "revision" in override else [])

@@ -172,7 +172,8 @@ def test_non_finite_kernel_output_fails_with_where_and_logs_no_numerics(make_con
     assert result.status == RunStatus.failed
     assert "kernel output has" in result.reason and "non-finite values, first at model.layers.0.input_layernorm" \
         in result.reason
-    assert set(result.metrics) == {"kernelized_RMSNorm", "kernelized_total", "job_wall_s"}
+    bookkeeping = {k for k in result.metrics if not k.startswith("phase_s_")}
+    assert bookkeeping == {"kernelized_RMSNorm", "kernelized_total", "job_wall_s"}
 
 
 @pytest.mark.parametrize("workload", ["decode", "train"])
@@ -184,5 +185,5 @@ def test_a_model_that_overflows_at_its_dtype_is_skipped_in_every_workload(make_c
     assert result.status == RunStatus.skipped, result.reason
     assert "the model itself overflows in torch.float16 at T=40: baseline output has" in result.reason
     assert "non-finite values, first at model.layers.0" in result.reason
-    assert result.metrics.keys() == {"job_wall_s"}
+    assert {k for k in result.metrics if not k.startswith("phase_s_")} == {"job_wall_s"}
     assert result.tags["forward_path"] == {"decode": "static_cache_step", "train": "training_step"}[workload]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,8 +12,20 @@ from omegaconf import DictConfig
 from rich.markup import escape
 
 from .config import register_configs
-from .job import job_name, run_job
-from .session import close_session, current_session
+from .exit_codes import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
+from .interruption import Terminated, describe, sigterm_raises
+from .job import context_lost_result, job_name, job_params, plan_job, run_job
+from .lease import gpu_lease
+from .results import JobResult
+from .resume import job_key
+from .session import (
+    abort_session,
+    close_session,
+    current_session,
+    end_unfinished_session,
+    session_was_opened,
+)
+from .validation import override_problems
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -24,16 +37,84 @@ warnings.filterwarnings("ignore", category=UserWarning, message="register_new_re
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def sweep_job(cfg: DictConfig) -> None:
+    """One job, in whichever process the launcher runs it: lease a GPU, skip it if already measured, measure."""
     session = current_session(cfg)
-    label = escape(session.job_label(job_name(cfg)))
-    with session.console.status(label) as spinner:
-        result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"))
-    session.record(result)
+    swept = session.swept_overrides()
+    if session.context_lost_after is not None:  # policy: a sticky CUDA error ends every later job of the process
+        session.record(context_lost_result(cfg, session.context_lost_after, swept))
+        return
+    label = escape(session.job_label(job_name(cfg, swept)))
+    with (session.console.status(label) as spinner,
+          gpu_lease(cfg.lease, waiting=lambda note: spinner.update(f"{label}: {note}")) as device):
+        placement = _placement_tags() | (device.tags if device else {})
+        result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), tags=placement)
+        key = _resume_key(cfg)
+        previous = session.measured_before(key) if cfg.resume else None
+        if previous is not None:
+            session.skip_measured(result.name, key, previous)
+            return
+        started = result
+        run_id = session.start(started, key)
+        with sigterm_raises():
+            try:
+                result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
+                                 swept=swept)
+                result.tags |= placement
+                result.uid = started.uid  # the record completes the run started for it, also from the spool
+                session.record(result, run_id)  # inside the lease: the run's start and end bound its GPU time
+            except BaseException as stop:  # Ctrl-C, SIGTERM: the run ends KILLED, never stays RUNNING
+                session.kill(run_id, describe(stop))
+                raise
+
+
+def _placement_tags() -> dict[str, str]:
+    """Which process (and Slurm job) ran the job: where to find its output when something went wrong."""
+    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm = {"slurm_job_id": f"{slurm_job}_{task}" if task else slurm_job} if slurm_job else {}
+    return {"worker_pid": str(os.getpid())} | slurm
+
+
+def _resume_key(cfg: DictConfig) -> str | None:
+    """None for a job that cannot be planned: it runs, and its result says why."""
+    try:
+        return job_key(cfg, plan_job(cfg).device)
+    except Exception:
+        return None
 
 
 def main() -> None:
-    sweep_job()
-    sys.exit(1 if close_session() else 0)
+    """Exit status: 0 all measured or skipped, 1 a job failed, 2 refused before any job ran, 3 could not finish
+    (sweep/exit_codes.py); 130 or 143 interrupted (Ctrl-C, SIGTERM), its runs marked KILLED."""
+    problems = override_problems(_command_line_overrides())
+    if problems:
+        for problem in problems:
+            print(f"sweep refused: {problem}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+    with sigterm_raises():
+        try:
+            sweep_job()
+        except Terminated as stop:
+            abort_session(describe(stop))
+            raise
+        except SystemExit as stop:
+            if stop.code in (None, 0):
+                raise
+            if not session_was_opened():  # Hydra could not compose the configuration, or the sweep was refused
+                sys.exit(EXIT_REFUSED)
+            end_unfinished_session()
+            sys.exit(EXIT_INCOMPLETE)
+        except BaseException as stop:  # Ctrl-C, a launcher whose job was killed
+            abort_session(describe(stop))
+            raise
+    sys.exit(EXIT_JOB_FAILED if close_session() else EXIT_OK)
+
+
+def _command_line_overrides() -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    return list(args.overrides or [])
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class KernelSpec:
     revision: str | None = None
     bundled: str | None = None  # name of a kernel repository shipped in sweep/bundled
     path: str | None = None  # a local kernel repository; wins over repo_id and bundled
+    # Load `repo_id` even if its organisation is not one the `kernels` library trusts: kernels run code.
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -128,6 +130,22 @@ class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "kernel-sweep"
     artifact_root: str = "runs/artifacts"  # only used when the experiment is created
+    spool_dir: str = "runs/spool"  # results the store could not take wait here (python -m sweep.sync)
+    # Bounded MLflow HTTP retries: one request waits at most (retries + 1) * timeout + backoff sleeps (32 s).
+    http_max_retries: int = 2
+    http_timeout_s: int = 10
+    http_backoff_factor: int = 1
+
+
+@dataclass
+class LeaseConfig:
+    """One GPU per job (sweep/lease.py): exclusive leases, file locks in `lock_dir` named after each device."""
+
+    # How many devices to lease: null = every CUDA device this process sees. Without CUDA, this many stand-in
+    # slots are leased instead (CPU jobs then never overlap either).
+    devices: int | None = None
+    lock_dir: str = "/tmp/sweep-gpu-locks"  # must be local to the host (flock), shared by all its jobs
+    poll_s: float = 1.0  # how often a waiting job retries
 
 
 @dataclass
@@ -144,6 +162,9 @@ class SweepConfig:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    # Skip a combination already measured with the same configuration, machine and code (sweep/resume.py).
+    resume: bool = True
     device: DeviceChoice = DeviceChoice.auto
     seed: int = 0
 
@@ -187,8 +208,11 @@ def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
 
 
 def register_configs() -> None:
+    from .lease import worker_count
     from .workloads import register_workload_configs  # the workloads import this module
 
     store = ConfigStore.instance()
     store.store(name="sweep_schema", node=SweepConfig)
     register_workload_configs(store)
+    # conf/hydra/launcher/parallel.yaml: one local worker per leasable device.
+    OmegaConf.register_new_resolver("sweep_workers", worker_count, replace=True)

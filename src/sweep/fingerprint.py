@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import socket
@@ -49,6 +50,14 @@ def _driver_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+@cache
+def code_version() -> str:
+    """sweep's version and git commit, plus a hash of uncommitted changes to tracked files when there are any."""
+    version = f"{__version__}+{_git('rev-parse', 'HEAD') or 'unknown'}"
+    changes = _git("diff", "HEAD")
+    return f"{version}.dirty-{hashlib.sha256(changes.encode()).hexdigest()[:12]}" if changes else version
 
 
 @cache

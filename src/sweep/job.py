@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .compilation import baseline_params, check_baseline, compiles
 from .config import (
+    BaselineKind,
     DeviceChoice,
     KernelsSelection,
     SweepConfig,
@@ -22,6 +25,7 @@ from .config import (
     kernel_selection,
 )
 from .errors import JobConfigError, SkipJob
+from .failures import FailureKind, classify, out_of_memory_reason
 from .fingerprint import fingerprint
 from .kernelization import (
     KernelSwitch,
@@ -29,7 +33,9 @@ from .kernelization import (
     check_layers_exist,
     resolve_kernel,
 )
+from .lease import contention_tags
 from .models import ModelCache, ReferenceKey, torch_dtype
+from .redaction import redact_text
 from .results import JobResult, RunStatus
 from .timing import BASELINE, KERNEL, SPEEDUP, EagerRunner, GraphRunner, RoundsResult, Runner, timed_sides
 from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
@@ -39,6 +45,25 @@ StatusHook = Callable[[str], None]
 
 # What a run that was not measured may still log: bookkeeping, never a timing or numerics result.
 UNMEASURED_METRIC_PREFIXES = ("job_wall_s", "kernelized_", "phase_s_")
+
+
+class Phases:
+    """The job's current phase (load, reference, kernelize, numerics, capture, timing) and the seconds spent in
+    each, as metrics `phase_s_<phase>`. A phase that raises stays current: the failure is reported in it."""
+
+    def __init__(self, metrics: dict[str, float]):
+        self.current = "plan"
+        self._metrics = metrics
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"phase_s_{name}"
+            self._metrics[key] = self._metrics.get(key, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -58,16 +83,27 @@ def kernels_name(cfg: SweepConfig | DictConfig) -> str:
     return "custom" if name == "none" and has_layers else name
 
 
-def job_name(cfg: SweepConfig | DictConfig) -> str:
-    name = f"{cfg.dtype.name} {kernels_name(cfg)} T={cfg.prompt.length}"
-    if cfg.prompt.batch_size != 1:
-        name += f" B={cfg.prompt.batch_size}"
-    if cfg.workload.name != "prefill":
-        name += f" {cfg.workload.name}"
-    if compiles(cfg):
-        name += " compile"
-    model = cfg.model.id or cfg.model.name
-    return name if model == "tiny-llama" else f"{model} {name}"
+# The keys job_name shows in its own words, in its order; a sweep's other keys appear as their overrides.
+_NAME_ALIASES = {"model.id": "model", "model.name": "model"}
+
+
+def job_name(cfg: SweepConfig | DictConfig, swept: Sequence[tuple[str, str]] = ()) -> str:
+    """A job on its own: `bf16 rms T=118` (with the model and B= when not the defaults). A job of a sweep, given
+    `swept` = (key, override) for each of its overrides of a key the sweep varies: only what varies, e.g. `rms`,
+    `fp32 rms T=1024` or `rms timing.mode=eager`; the parent run's name says what all jobs share."""
+    model = str(cfg.model.id or cfg.model.name)
+    words = {"model": model, "dtype": cfg.dtype.name, "kernels": kernels_name(cfg),
+             "prompt.length": f"T={cfg.prompt.length}", "prompt.batch_size": f"B={cfg.prompt.batch_size}",
+             "workload": cfg.workload.name, "baseline": BaselineKind(cfg.baseline.name).value}
+    if not swept:
+        hidden = {"model"} if model == "tiny-llama" else set()
+        hidden |= {"prompt.batch_size"} if cfg.prompt.batch_size == 1 else set()
+        hidden |= {"workload"} if cfg.workload.name == "prefill" else set()
+        hidden |= set() if compiles(cfg) else {"baseline"}
+        return " ".join(word for key, word in words.items() if key not in hidden)
+    keys = {_NAME_ALIASES.get(key, key) for key, _ in swept}
+    others = [override for key, override in swept if _NAME_ALIASES.get(key, key) not in words]
+    return " ".join([*(word for key, word in words.items() if key in keys), *others])
 
 
 def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
@@ -94,6 +130,8 @@ def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(requested.value)
+    if device.type == "cuda":  # the leased GPU (sweep/lease.py sets it), by index: cached models stay apart
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch_dtype(cfg.dtype.torch_dtype)
     _check_dtype_runs(dtype, device)
     mode = TimingMode(cfg.timing.mode)
@@ -119,57 +157,102 @@ def _check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
         raise SkipJob(f"{dtype} does not run on {device}: {error}") from None
 
 
-def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None) -> JobResult:
-    """Never raises for a bad combination: the result says skipped or failed, with the reason."""
+def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None,
+            swept: Sequence[tuple[str, str]] = ()) -> JobResult:
+    """Never raises for a bad combination: the result says skipped or failed, with the reason. `swept`: see
+    `job_name`. After running out of memory the model cache is dropped and memory released, so that the next job
+    starts clean; after a sticky CUDA error (tag failure_kind=cuda_context_lost) nothing more can run in this
+    process."""
     started = time.perf_counter()
-    result = JobResult(name=job_name(cfg), params=job_params(cfg))
-    result.artifacts["config.yaml"] = OmegaConf.to_yaml(cfg)
+    result = JobResult(name=job_name(cfg, swept), params=job_params(cfg))
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
+    phases = Phases(result.metrics)
+    failure = None
+    device = torch.device("cpu")
     try:
         plan = plan_job(cfg)
+        device = plan.device
         result.tags |= fingerprint(plan.device)
-        _measure(cfg, plan, models, result, status or (lambda _: None))
+        _measure(cfg, plan, models, result, status or (lambda _: None), phases)
     except SkipJob as skip:
         result.status, result.reason = RunStatus.skipped, str(skip)
     except Exception as error:  # any failure of one combination is that run's result, not the sweep's end
+        failure = classify(error)
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
+        if failure == FailureKind.out_of_memory:
+            result.reason = out_of_memory_reason(error, phases.current, device)
+        result.tags["failure_kind"] = failure.value
+        result.tags["failure_phase"] = phases.current
         result.artifacts["traceback.txt"] = traceback.format_exc()
     if result.status != RunStatus.measured:
         result.metrics = {k: v for k, v in result.metrics.items() if k.startswith(UNMEASURED_METRIC_PREFIXES)}
+    if failure == FailureKind.out_of_memory:
+        _release_memory(models)  # outside the except block: the traceback's frames hold the tensors until then
     result.metrics["job_wall_s"] = time.perf_counter() - started
+    result.ended_ms = int(time.time() * 1000)
     return result
 
 
-def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook) -> None:
+def context_lost_result(cfg: SweepConfig | DictConfig, failed_job: str,
+                        swept: Sequence[tuple[str, str]] = ()) -> JobResult:
+    """A job not run because an earlier job of this process broke the CUDA context (sticky error)."""
+    result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), status=RunStatus.failed)
+    result.reason = (f"CUDA context lost after {failed_job}: a sticky CUDA error (device-side assert, illegal "
+                     "memory access, launch failure) leaves this process unable to measure; rerun this "
+                     "combination in a new sweep")
+    result.tags["failure_kind"] = FailureKind.cuda_context_lost.value
+    result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
+    return result
+
+
+def _release_memory(models: ModelCache) -> None:
+    """The model may hold half-built state (a load, a capture, forwards) after an out-of-memory error: drop it
+    with its references, and give the freed blocks back to the device."""
+    models.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: StatusHook, phases: Phases) -> None:
     work = workload(cfg.workload)
     status("loading model")
-    loaded = models.get(cfg.model, plan.dtype, plan.device)
-    model = loaded.model
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    positions = work.positions(cfg.prompt)
-    if max_positions is not None and positions > max_positions:
-        needs = "" if positions == cfg.prompt.length else f" ({positions} positions with workload={work.name})"
-        raise JobConfigError(f"prompt.length={cfg.prompt.length}{needs} exceeds the model's {max_positions} positions")
-    check_layers_exist(model, list(plan.kernels.specs))
-    kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
-    for kernel in kernels:
-        result.params[f"kernel_{kernel.layer}"] = kernel.identity
-        result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
-        if kernel.note:
-            result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
-    result.tags["attn_implementation"] = str(model.config._attn_implementation)
-    result.tags["forward_path"] = work.forward_path(cfg)
-    inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
+    with phases("load"):  # the model, its checks, the kernels' sources and the prompts
+        loaded = models.get(cfg.model, plan.dtype, plan.device)
+        model = loaded.model
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        positions = work.positions(cfg.prompt)
+        if max_positions is not None and positions > max_positions:
+            needs = "" if positions == cfg.prompt.length else f" ({positions} positions with workload={work.name})"
+            raise JobConfigError(
+                f"prompt.length={cfg.prompt.length}{needs} exceeds the model's {max_positions} positions")
+        check_layers_exist(model, list(plan.kernels.specs))
+        kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
+        for kernel in kernels:
+            result.params[f"kernel_{kernel.layer}"] = kernel.identity
+            result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
+            if kernel.source.startswith("hub:"):  # the user's opt-in to an organisation kernels does not trust
+                trusted = plan.kernels.specs[kernel.layer].trust_remote_code
+                result.tags[f"kernel_trust_remote_code_{kernel.layer}"] = str(trusted).lower()
+            if kernel.note:
+                result.tags[f"kernel_note_{kernel.layer}"] = kernel.note
+        result.tags["attn_implementation"] = str(model.config._attn_implementation)
+        result.tags["forward_path"] = work.forward_path(cfg)
+        inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
     key = ReferenceKey(work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size,
                        str(plan.reference_dtype), result.tags["forward_path"])
-    reference = models.reference(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
+    with phases("reference"):
+        reference = models.reference(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
     switch = None
     if kernels:
         status("kernelizing")
-        switch = KernelSwitch.apply(model, kernels, plan.device, work.kernel_mode)
+        with phases("kernelize"):
+            switch = KernelSwitch.apply(model, kernels, plan.device, work.kernel_mode)
         for layer, count in switch.replaced.items():
             result.metrics[f"kernelized_{layer}"] = count
         result.metrics["kernelized_total"] = sum(switch.replaced.values())
@@ -182,12 +265,14 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
 
     job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status, kernels)
     with work.running(model):
-        sides = work.sides(job)
-        status("numerics")
-        result.metrics |= work.compare(job, sides)
-        status("checking every input set's outputs")
-        _check_other_input_sets(job, sides)
-        _time(sides, switch, inputs, cfg, plan, result, status)
+        with phases("numerics"):
+            sides = work.sides(job)
+            status("numerics")
+            result.metrics |= work.compare(job, sides)
+            status("checking every input set's outputs")
+            _check_other_input_sets(job, sides)
+        result.tags |= contention_tags(plan.device)
+        _time(sides, switch, inputs, cfg, plan, result, status, phases)
     result.metrics |= work.timing_metrics(result.metrics, cfg)
     if plan.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(plan.device) / 2**20
@@ -224,24 +309,27 @@ def _comparisons(sides: Sides, runners: dict[str, Runner]) -> dict[str, tuple[st
     return {name: pair for name, pair in wanted.items() if set(pair) <= set(runners)}
 
 
-def _time(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
+          phases: Phases) -> None:
     try:
-        _time_modes(sides, switch, inputs, cfg, plan, result, status)
+        _time_modes(sides, switch, inputs, cfg, plan, result, status, phases)
     finally:
         if switch is not None:
             switch.select(False)
 
 
-def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook) -> None:
+def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobResult, status: StatusHook,
+                phases: Phases) -> None:
     measured: dict[TimingMode, RoundsResult] = {}
     replay_errors: list[float] = []
     modes = list(plan.timing_modes)
     for mode in modes:
         status(f"timing ({mode.value})")
         try:
-            runners = _runners(mode, sides, switch, inputs)
+            with phases("capture" if mode == TimingMode.graph else "timing"):
+                runners = _runners(mode, sides, switch, inputs)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
-            if mode != TimingMode.graph:
+            if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
                 raise
             result.tags["timing_note"] = f"CUDA graph unusable, timed eagerly instead: {type(error).__name__}: {error}"
             if TimingMode.eager not in modes:
@@ -253,8 +341,9 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
 
         if mode == TimingMode.graph:
             replay_errors = [r.replay_error for r in runners.values() if isinstance(r, GraphRunner)]
-        measured[mode] = timed_sides(runners, _comparisons(sides, runners), len(inputs), cfg.timing, plan.device,
-                                     cfg.seed, report)
+        with phases("timing"):
+            measured[mode] = timed_sides(runners, _comparisons(sides, runners), len(inputs), cfg.timing,
+                                         plan.device, cfg.seed, report)
         del runners
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)

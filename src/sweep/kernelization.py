@@ -56,6 +56,7 @@ class KernelRepository:
     repo_id: str | None = None
     revision: str | None = None
     backend: str | None = None
+    trust_remote_code: bool = False  # the user's opt-in to a Hub organisation that `kernels` does not trust
 
     @cache
     def load(self) -> type[torch.nn.Module]:
@@ -63,7 +64,8 @@ class KernelRepository:
             if self.path is not None:
                 kernel = get_local_kernel(self.path, backend=self.backend)
             else:
-                kernel = get_kernel(self.repo_id, revision=self.revision, backend=self.backend)
+                kernel = get_kernel(self.repo_id, revision=self.revision, backend=self.backend,
+                                    trust_remote_code=self.trust_remote_code)
         except FileNotFoundError as error:
             raise SkipJob(f"the kernel {self} has no build for {self.backend}: {str(error).splitlines()[0]}") from None
         except ImportError as error:
@@ -124,7 +126,9 @@ def resolve_kernel(layer: str, spec: KernelSpec, mode: KernelSourceMode) -> Reso
                 ) from None
             note = f"Hub unavailable ({error}); using the bundled copy"
         else:
-            repository = KernelRepository(spec.layer_name, repo_id=spec.repo_id, revision=revision)
+            # kernels refuses, when it loads, a repository whose organisation it does not trust, unless opted in.
+            repository = KernelRepository(spec.layer_name, repo_id=spec.repo_id, revision=revision,
+                                          trust_remote_code=spec.trust_remote_code)
             return ResolvedKernel(layer, repository, f"hub:{spec.repo_id}@{revision}")
     if spec.bundled is None:
         raise JobConfigError(f"kernels.{layer} has no bundled copy; set kernels.source=hub or a path")

@@ -41,7 +41,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Lo
     model.requires_grad_(False)
     return LoadedModel(
         model=model,
-        tokenizer=_load_tokenizer(cfg, model),
+        tokenizer=load_tokenizer(cfg, model.config.vocab_size),
         name=cfg.name,
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
@@ -96,7 +96,8 @@ def _from_pretrained(cfg: ModelConfig, dtype: torch.dtype, device: torch.device)
         ) from None
 
 
-def _load_tokenizer(cfg: ModelConfig, model: PreTrainedModel) -> object:
+def load_tokenizer(cfg: ModelConfig, vocab_size: int) -> object:
+    """The model's tokenizer, or the byte-level one for a byte-sized vocabulary; needs no weights."""
     if cfg.tokenizer == "utf8":
         return UTF8Tokenizer()
     if cfg.tokenizer not in ("auto", "hub"):
@@ -107,10 +108,10 @@ def _load_tokenizer(cfg: ModelConfig, model: PreTrainedModel) -> object:
         except (OSError, ValueError) as error:
             if cfg.tokenizer == "hub":
                 raise JobConfigError(f"cannot load the tokenizer of {cfg.id!r}: {error}") from None
-    if model.config.vocab_size <= 256 + 16:
+    if vocab_size <= 256 + 16:
         return UTF8Tokenizer()
     raise JobConfigError(
-        f"model {cfg.name!r} has no tokenizer and a vocabulary of {model.config.vocab_size}: "
+        f"model {cfg.name!r} has no tokenizer and a vocabulary of {vocab_size}: "
         "set model.tokenizer=utf8 only for byte-level models"
     )
 

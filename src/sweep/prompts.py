@@ -6,6 +6,7 @@ import torch
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
 from .config import PromptConfig
+from .errors import JobConfigError
 
 
 def prompt_inputs(tokenizer: object, cfg: PromptConfig, n_sets: int, device: torch.device) -> list[torch.Tensor]:
@@ -28,6 +29,12 @@ def _row(tokenizer: object, cfg: PromptConfig, shift: int) -> torch.Tensor:
         body = tokenizer([text], add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"][0]
     else:
         body = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if body.numel() == 0 and body_length > 0:
+        raise JobConfigError(
+            f"the tokenizer ({type(tokenizer).__name__}) turns prompt.text={cfg.text!r} into no tokens: give the "
+            "model directory its tokenizer files (tokenizer.json, tokenizer_config.json), set model.tokenizer=utf8 "
+            "for a byte-level model, or choose another prompt.text"
+        )
     while body.numel() < body_length:
         body = torch.cat([body, body])
     body = body[:body_length].long()

@@ -478,16 +478,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         sys.stdout.write(render(runs, args.format))
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(runs, args.out)
-    report = args.out / f"report.{args.format}"
-    report.write_text(render(runs, args.format, plots))
-    written = [report, *(args.out / p for p in plots)]
-    if args.format == "csv":
-        written.append(args.out / "speedup_pivot.csv")
-        speedup_pivot(runs).to_csv(written[-1], index=False)
+    written = write_report(runs, args.out, args.format)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def write_report(runs: pd.DataFrame, out: Path, fmt: str = "md") -> list[Path]:
+    """Write report.<fmt> and its plots for `latest_runs` into `out`; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, out)
+    report = out / f"report.{fmt}"
+    report.write_text(render(runs, fmt, plots))
+    written = [report, *(out / p for p in plots)]
+    if fmt == "csv":
+        written.append(out / "speedup_pivot.csv")
+        speedup_pivot(runs).to_csv(written[-1], index=False)
+    return written
 
 
 if __name__ == "__main__":

@@ -3,41 +3,122 @@ Opened and closed by Hydra's callbacks around a run or multirun; every job of th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .config import TrackingConfig, kernel_selection
+from .config import TrackingConfig
+from .exit_codes import EXIT_INCOMPLETE, EXIT_REFUSED
+from .failures import FailureKind
 from .models import ModelCache
+from .redaction import redact_uri
 from .results import JobResult, RunStatus
+from .spool import Spool, SpoolError
 from .summary import sweep_tables
-from .tracking import Tracker
+from .sweep_page import Links, report_files, sweep_page
+from .sync import Delivery
+from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
+from .validation import validate_jobs
+
+T = TypeVar("T")
+# The parent run's id, set by the launching process before any job starts: jobs in other processes (local
+# workers, Slurm nodes; both inherit the environment) log their child runs under it.
+PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
 
 
 class SweepSession:
-    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None):
+    def __init__(self, tracking: TrackingConfig, name: str, total_jobs: int | None, console: Console | None = None,
+                 sweep_id: str | None = None, swept_keys: frozenset[str] = frozenset()):
+        """Opens the sweep's parent run, or with `sweep_id` attaches to one that another process opened."""
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         self.tracker = Tracker(tracking)
-        self.sweep_id = self.tracker.start_sweep(name, tags={"total_jobs": str(total_jobs or "")})
+        self.name, self.experiment = name, tracking.experiment
+        self.delivery = Delivery(self.tracker, Spool(tracking.spool_dir), warn=self._warn)
+        self.context_lost_after: str | None = None  # the job whose sticky CUDA error ended this process's GPU use
         self.models = ModelCache()
         self.results: list[JobResult] = []
         self.total_jobs = total_jobs
         self.started = time.perf_counter()
-        self.console.print(f"[bold]sweep[/] {name}: logging to {tracking.uri} (experiment {tracking.experiment!r})")
+        self._failed = 0
+        if sweep_id is not None:
+            self.sweep_id = sweep_id
+            self.total_jobs, self.swept_keys = self.tracker.sweep_shape(sweep_id)
+            return
+        self.swept_keys = swept_keys
+        self.sweep_id = self.tracker.start_sweep(
+            name, tags={"total_jobs": str(total_jobs or ""), "swept_keys": ",".join(sorted(swept_keys))})
+        self.delivery.flush()  # what an earlier sweep spooled for this store
+        self.console.print(f"[bold]sweep[/] {name}: logging to {redact_uri(tracking.uri)} "
+                           f"(experiment {tracking.experiment!r})")
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+    def swept_overrides(self) -> list[tuple[str, str]]:
+        """(key, override) for each override of the running job whose key this sweep varies, for `job_name`."""
+        if not self.swept_keys or not HydraConfig.initialized():
+            return []
+        job = _parse_overrides(list(HydraConfig.get().overrides.task))
+        return [(o.key_or_group, o.input_line) for o in job if o.key_or_group in self.swept_keys]
 
     def job_label(self, name: str, index: int | None = None) -> str:
-        """`[3/6] bf16 both T=118`; by default for the job about to run."""
+        """`[3/6] bf16 both T=118`; by default for the job about to run (its number in the multirun when there
+        is one: jobs in worker processes do not see each other)."""
         total = f"/{self.total_jobs}" if self.total_jobs else ""
-        return f"[{len(self.results) + 1 if index is None else index}{total}] {name}"
+        return f"[{index or _multirun_job_number() or len(self.results) + 1}{total}] {name}"
 
-    def record(self, result: JobResult) -> None:
-        self.tracker.log_job(self.sweep_id, result)
+    def start(self, result: JobResult, job_key: str | None) -> str | None:
+        """The job's child run, RUNNING until `record`; tagged with its resume key and leased GPU. None when the
+        store does not answer: the job runs anyway, and its record goes to the spool."""
+        return self._if_store_answers(lambda: self.tracker.start_job(
+            self.sweep_id, result, {RESUME_TAG: job_key} if job_key else {}), "the job's run is not started")
+
+    def measured_before(self, job_key: str | None) -> str | None:
+        """The run that already measured this combination (resume), if the store answers and has one."""
+        if job_key is None:
+            return None
+        return self._if_store_answers(lambda: self.tracker.find_measured(job_key), "resume cannot check the store")
+
+    def kill(self, run_id: str | None, reason: str) -> None:
+        if run_id is not None:
+            self._if_store_answers(lambda: self.tracker.kill_job(run_id, reason), f"run {run_id} stays RUNNING")
+
+    def _if_store_answers(self, call: Callable[[], T], otherwise: str) -> T | None:
+        if self.delivery.store_down:
+            return None
+        try:
+            return call()
+        except Exception as error:  # the store went away: the sweep goes on, results go to the spool
+            self.delivery.store_down = True
+            self._warn(f"the tracking store did not answer ({type(error).__name__}); {otherwise}")
+            return None
+
+    def skip_measured(self, name: str, job_key: str, run_id: str) -> None:
+        """resume=true: this combination was measured before, with the same configuration, machine and code."""
+        text = f"{name}: measured in run {run_id}"
+        self.tracker.note_resumed(self.sweep_id, job_key, text)
+        self.console.print(f"{self.job_label(name)} [cyan]already measured[/] in run {run_id}, skipped (resume)")
+
+    def record(self, result: JobResult, run_id: str | None = None) -> None:
+        try:
+            self.delivery.log_job(self.sweep_id, result, run_id)
+        except SpoolError as error:
+            self.console.print(f"[red]sweep: cannot finish[/]: the store did not take {result.name!r} and {error}")
+            raise SystemExit(EXIT_INCOMPLETE) from None
         self.results.append(result)
+        if result.tags.get("failure_kind") == FailureKind.cuda_context_lost.value and self.context_lost_after is None:
+            self.context_lost_after = result.name
         speed = result.metrics.get("speedup")
         detail = f"{speed:.3f}x" if speed is not None else result.reason
         colour = {"measured": "green", "skipped": "yellow", "failed": "red"}[result.status.value]
@@ -48,28 +129,78 @@ class SweepSession:
 
     @property
     def failed(self) -> int:
-        return sum(r.status == RunStatus.failed for r in self.results)
+        """How many jobs failed, as `close` counted them in the store."""
+        return self._failed
 
     def close(self) -> None:
+        """Tables, parent run description and artifacts from the job runs the store holds, whoever logged them."""
         wall = time.perf_counter() - self.started
-        counts = {s.value: sum(r.status == s for r in self.results) for s in RunStatus}
-        self.tracker.end_sweep(self.sweep_id, {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall},
-                               failed=self.failed > 0)
-        for table in sweep_tables(self.results, title=f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"):
+        title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
+        self.delivery.flush()
+        jobs, resumed = self._stored_jobs()
+        if jobs and not self.delivery.store_down:
+            page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
+                              Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
+                              report_files(self.tracker.uri, self.experiment, self.sweep_id))
+            self._if_store_answers(lambda: self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts),
+                                   "the sweep's page is not written")
+        stored = list(jobs.values())
+        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
+        self._failed = counts[RunStatus.failed.value]
+        summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
+        self.delivery.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
+        for table in sweep_tables(stored, title):
             self.console.print(table)
-        self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+        if resumed:
+            self.console.print("skipped, already measured (resume=false measures them again):\n  "
+                               + "\n  ".join(resumed))
+        self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
+        self._print_way_in()
+
+    def _stored_jobs(self) -> tuple[dict[str, JobResult], list[str]]:
+        """The sweep's jobs and resumed combinations from the store, whichever process logged them; this process's
+        own results when the store does not answer."""
+        stored = self._if_store_answers(
+            lambda: (self.tracker.sweep_jobs(self.sweep_id), self.tracker.resumed(self.sweep_id)),
+            "the tables below hold this process's jobs only")
+        return stored if stored is not None else ({r.uid: r for r in self.results}, [])
+
+    def _print_way_in(self) -> None:
+        command = self.tracker.ui_command()
+        if command:
+            self.console.print(f"browse the runs: [bold]{command}[/]", soft_wrap=True)
+        self.console.print(f"this sweep's page: {self.tracker.run_page(self.sweep_id)}", soft_wrap=True)
 
 
 _current: SweepSession | None = None
 _last_failed = 0
+_opened = False
 
 
 def current_session(cfg: DictConfig) -> SweepSession:
     """The open session; a task run outside the callbacks (e.g. Hydra's compose API) opens one."""
     global _current
     if _current is None:
-        _current = SweepSession(_tracking(cfg), name="sweep", total_jobs=None)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        _current = SweepSession(_tracking(cfg), name="sweep", total_jobs=None, sweep_id=parent)
     return _current
+
+
+def session_was_opened() -> bool:
+    """Whether this process opened a session: if not, no job ran and nothing was written to the store."""
+    return _opened
+
+
+def end_unfinished_session() -> None:
+    """Ends the open session after the sweep could not finish: its parent run is marked FAILED if the store
+    (or the spool) still takes it."""
+    global _current
+    if _current is not None:
+        try:
+            _current.close()
+        except (SpoolError, SystemExit):
+            pass
+        _current = None
 
 
 def close_session() -> int:
@@ -79,47 +210,70 @@ def close_session() -> int:
         _current.close()
         _last_failed = _current.failed
         _current = None
+        os.environ.pop(PARENT_RUN_ENV, None)
     return _last_failed
+
+
+def abort_session(reason: str) -> None:
+    """The sweep was interrupted: its RUNNING children, wherever they ran, and its parent end KILLED."""
+    global _current
+    if _current is not None:
+        marked = _current._if_store_answers(lambda: _current.tracker.kill_sweep(_current.sweep_id, reason) or True,
+                                            "its runs cannot be marked KILLED now")
+        if marked:
+            _current.console.print(f"[red]sweep {_current.sweep_id[:8]} {reason}[/]: its runs are marked KILLED")
+        _current = None
+        os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def _multirun_job_number() -> int | None:
+    config = HydraConfig.instance().cfg
+    if config is None or config.hydra.mode != RunMode.MULTIRUN:
+        return None
+    return int(config.hydra.job.num) + 1
 
 
 def _tracking(cfg: DictConfig) -> TrackingConfig:
     return TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))  # type: ignore[arg-type]
 
 
-def _count_jobs(config: DictConfig) -> int:
+def _job_overrides(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job of a multirun, as Hydra's basic sweeper will launch them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    overrides = _parse_overrides(list(config.hydra.overrides.task))
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def _job_configs(config: DictConfig) -> list[DictConfig]:
-    """Every job's composed config, as Hydra's basic sweeper will compose them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def _compose_jobs(config: DictConfig) -> list[tuple[str, DictConfig | Exception]]:
+    """Each job's configuration, composed as the launcher will (an error instead where it cannot be)."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     loader = GlobalHydra.instance().config_loader()
-    return [loader.load_sweep_config(config, list(job))
-            for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-
-
-def _check_kernel_choices(configs: list[DictConfig]) -> None:
-    """The `kernels` node is open (any layer name), so Hydra cannot type-check it: check it before anything is
-    logged, like the typos Hydra catches (`kernels.source=bundle` stops the sweep at start-up)."""
-    for job in configs:
+    jobs: list[tuple[str, DictConfig | Exception]] = []
+    for overrides in _job_overrides(config):
+        label = " ".join(o for o in overrides if not o.startswith(("tracking.", "hydra."))) or "defaults"
         try:
-            kernel_selection(job.kernels)
-        except ValueError as error:
-            Console(stderr=True, soft_wrap=True).print(f"[red]sweep: invalid configuration[/]: {error}")
-            raise SystemExit(2) from None
+            jobs.append((label, loader.load_sweep_config(config, overrides)))
+        except Exception as error:  # Hydra's composition errors: unknown option, key or type
+            jobs.append((label, error))
+    return jobs
+
+
+def _parse_overrides(overrides: list[str]) -> list[Override]:
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _swept_keys(config: DictConfig) -> frozenset[str]:
+    """The config keys (or groups) that take several values in this invocation, e.g. `dtype`, `timing.mode`."""
+    return frozenset(o.key_or_group for o in _parse_overrides(list(config.hydra.overrides.task))
+                     if o.is_sweep_override())
 
 
 def _sweep_name(config: DictConfig) -> str:
     """The overrides that choose what is measured, e.g. `dtype=bf16,fp32 kernels=rms,silu,both`."""
-    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(("tracking.", "hydra."))]
+    how = ("tracking.", "hydra.", "lease.", "resume=")  # where and how the jobs run, not what they measure
+    chosen = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(how)]
     return " ".join(chosen) or "defaults"
 
 
@@ -127,12 +281,10 @@ class SweepLifecycle(Callback):
     """Hydra callback: one session (and MLflow parent run) around each `python -m sweep` invocation."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_kernel_choices([config])
-        self._open(config, total_jobs=1)
+        self._open(config, [("", config)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_kernel_choices(_job_configs(config))
-        self._open(config, total_jobs=_count_jobs(config))
+        self._open(config, _compose_jobs(config))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         close_session()
@@ -141,10 +293,21 @@ class SweepLifecycle(Callback):
         close_session()
 
     @staticmethod
-    def _open(config: DictConfig, total_jobs: int) -> None:
-        global _current
+    def _open(config: DictConfig, jobs: list[tuple[str, DictConfig | Exception]]) -> None:
+        """Refuses (exit 2, nothing written to the store) a sweep with any invalid job, before any GPU work."""
+        global _current, _opened
+        errors = Console(stderr=True, soft_wrap=True)
+        problems = validate_jobs(jobs)
+        if problems:
+            errors.print(f"[red]sweep refused[/] ({len(problems)} problem(s), nothing was run or logged):")
+            for problem in problems:
+                errors.print(f"  - {problem}", markup=False)
+            raise SystemExit(EXIT_REFUSED)
         try:
-            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=total_jobs)
+            _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=len(jobs),
+                                    swept_keys=_swept_keys(config))
+            os.environ[PARENT_RUN_ENV] = _current.sweep_id
         except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
-            Console(stderr=True, soft_wrap=True).print(f"[red]sweep: cannot open the tracking store[/]: {error}")
-            raise SystemExit(2) from None
+            errors.print(f"[red]sweep: cannot open the tracking store[/]: {redact_uri(str(error))}")
+            raise SystemExit(EXIT_REFUSED) from None
+        _opened = True

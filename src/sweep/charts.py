@@ -1,0 +1,69 @@
+"""The sweep's speedup chart: one bar per job, drawn from 1 (no change) to its speedup, with its confidence
+interval; jobs grouped by configuration as in the summary table."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections.abc import Sequence
+from itertools import groupby
+
+from matplotlib.figure import Figure
+
+from .results import JobResult
+from .summary import configuration, grouped, varying_configuration
+
+BAR_WIDTH = 0.8
+GROUP_GAP = 0.8
+
+
+def speedup_chart(results: Sequence[JobResult], title: str) -> bytes | None:
+    """PNG of the speedups in the summary table's order; None when no job has a speedup."""
+    if not any("speedup" in r.metrics for r in results):
+        return None
+    shown = varying_configuration(results)
+    ordered = grouped(results)
+    groups = [(label, list(jobs)) for label, jobs in groupby(ordered, key=lambda r: configuration(r, shown))]
+    kernels = list(dict.fromkeys(r.params["kernels"] for r in ordered))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(kernels)}
+
+    width = min(30, max(7.0, 2.5 + 0.7 * len(ordered) + 0.5 * len(groups)))
+    figure = Figure(figsize=(width, 4.8), layout="constrained")
+    ax = figure.subplots()
+    position, ticks, centres, separators = 0.0, [], [], []
+    for _, jobs in groups:
+        if ticks:
+            separators.append(position - (1 + GROUP_GAP) / 2)
+        start = position
+        for job in jobs:
+            _bar(ax, position, job, colours[job.params["kernels"]])
+            ticks.append((position, job.params["kernels"]))
+            position += 1
+        centres.append((start + position - 1) / 2)
+        position += GROUP_GAP
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks([p for p, _ in ticks], [name for _, name in ticks], rotation=30, ha="right")
+    for centre, (label, _) in zip(centres, groups):
+        ax.annotate(label, (centre, 1), xycoords=("data", "axes fraction"), xytext=(0, -4),
+                    textcoords="offset points", ha="center", va="top", fontweight="bold")
+    for boundary in separators:
+        ax.axvline(boundary, color="lightgrey", linewidth=1)
+    ax.set_ylabel("speedup (baseline / kernel)")
+    wrapped = textwrap.wrap(title, width=int(width * 11))
+    ax.set_title("\n".join([*wrapped, "bars: speedup, whiskers: 95% interval, dashed: no change"]))
+    ax.margins(y=0.25)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _bar(ax, position: float, job: JobResult, colour: str) -> None:
+    metrics = job.metrics
+    if "speedup" not in metrics:
+        ax.annotate(job.status.value, (position, 1.0), ha="center", va="bottom", rotation=90, color="grey")
+        return
+    speedup = metrics["speedup"]
+    errors = [[max(0.0, speedup - metrics["speedup_ci_low"])], [max(0.0, metrics["speedup_ci_high"] - speedup)]]
+    ax.bar(position, speedup - 1.0, BAR_WIDTH, bottom=1.0, yerr=errors, capsize=4, color=colour)
+    ax.annotate(f"{speedup:.3f}x", (position, metrics["speedup_ci_high"]), xytext=(0, 3),
+                textcoords="offset points", ha="center", va="bottom", fontsize="small")

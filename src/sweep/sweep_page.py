@@ -1,0 +1,105 @@
+"""What a sweep's parent run shows in the MLflow UI: a description holding the end-of-sweep tables and the speedup
+chart, and artifacts (the chart, the results as CSV, `sweep.report`'s report), built from the job runs as the
+store holds them."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import report
+from .charts import speedup_chart
+from .results import JobResult, RunStatus
+from .summary import (
+    ACCURACY_CAPTION,
+    ACCURACY_COLUMNS,
+    SUMMARY_CAPTION,
+    Column,
+    by_workload,
+    grouped,
+    has_accuracy,
+    summary_columns,
+    table_frame,
+)
+
+CHART = "summary/speedup.png"
+RESULTS_CSV = "summary/results.csv"
+REPORT_FOLDER = "report"
+
+
+@dataclass(frozen=True)
+class Links:
+    """Addresses inside the UI, relative to its root: a run's page, and a run's artifact file."""
+    run: Callable[[str], str]
+    artifact: Callable[[str, str], str]
+
+
+@dataclass(frozen=True)
+class SweepPage:
+    description: str  # markdown
+    artifacts: dict[str, str | bytes]
+
+
+def sweep_page(sweep_id: str, jobs: Mapping[str, JobResult], title: str, links: Links, limit: int,
+               report_files: Mapping[str, bytes]) -> SweepPage:
+    """`jobs` by run id; `report_files` is `sweep.report`'s output for this sweep, by file name; the description
+    stays within `limit` characters (MLflow's limit for a tag), cutting rows when it must."""
+    results = list(jobs.values())
+    chart = speedup_chart(results, title)
+    artifacts: dict[str, str | bytes] = {RESULTS_CSV: results_csv(jobs)}
+    artifacts |= {f"{REPORT_FOLDER}/{name}": content for name, content in report_files.items()}
+    if chart is not None:
+        artifacts[CHART] = chart
+    run_ids = {id(result): run_id for run_id, result in jobs.items()}
+    ordered = grouped(results)
+    for rows in range(len(ordered), -1, -1):
+        description = _description(ordered, rows, title, sweep_id, chart is not None,
+                                   lambda r: links.run(run_ids[id(r)]), links, sorted(artifacts))
+        if len(description) <= limit:
+            break
+    return SweepPage(description, artifacts)
+
+
+def results_csv(jobs: Mapping[str, JobResult]) -> str:
+    """One row per job: run id and name, status, params, metrics."""
+    rows = [{"run_id": run_id, "run_name": r.name, "run_status": r.status.value, "status_reason": r.reason,
+             **r.params, **r.metrics} for run_id, r in jobs.items()]
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def report_files(uri: str, experiment: str, sweep_id: str) -> dict[str, bytes]:
+    """What `python -m sweep.report --tracking-uri URI --sweep SWEEP_ID --out DIR` writes, by file name."""
+    runs = report.latest_runs(report.load_runs([uri], experiment, [sweep_id]))
+    with tempfile.TemporaryDirectory() as folder:
+        return {path.name: path.read_bytes() for path in report.write_report(runs, Path(folder))}
+
+
+def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: str, has_chart: bool,
+                 run_link: Callable[[JobResult], str], links: Links, artifacts: Sequence[str]) -> str:
+    """The markdown description with the first `rows` jobs of `ordered` in its tables."""
+    shown, total = ordered[:rows], len(ordered)
+    counts = ", ".join(f"{sum(r.status == s for r in ordered)} {s.value}" for s in RunStatus)
+    parts = [f"### {title}", f"{total} jobs: {counts}. Each job is a child run of this one; "
+             "the job column links to it."]
+    if has_chart:
+        parts.append(f"![speedup per job]({links.artifact(sweep_id, CHART)})")
+    groups = by_workload(shown)
+    for workload, jobs in groups.items():
+        suffix = f": {workload}" if len(groups) > 1 else ""
+        parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link), f"*{SUMMARY_CAPTION}*"]
+        if has_accuracy(jobs):
+            parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
+    if len(shown) < total:
+        parts.append(f"**Only the first {len(shown)} of {total} jobs fit here: all are in `{RESULTS_CSV}`.**")
+    parts.append("Artifacts of this run: " + ", ".join(f"`{a}`" for a in artifacts) + ".")
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown(shown: Sequence[JobResult], columns: Sequence[Column], run_link: Callable[[JobResult], str]) -> str:
+    """The table as markdown, its first column the job's run name linking to the job's run page."""
+    linked: tuple[Column, ...] = (("job", lambda r: f"[{r.name}]({run_link(r)})"), *columns)
+    return report.markdown_table(table_frame(shown, linked))
