@@ -24,7 +24,8 @@ SMALL = ["model.architecture.num_hidden_layers=1", "model.architecture.hidden_si
 QUANTIZED_SILU = """
     return torch.round(torch.nn.functional.silu(input) * 256) / 256
 """
-COMPARISONS = ("speedup", "compile_speedup", "kernel_vs_compile", "compiled_kernel_speedup")
+COMPARISONS = ("speedup", "compile_speedup", "kernel_vs_compile", "compiled_kernel_speedup",
+               "compiled_kernel_vs_eager")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ COMPARISONS: dict[str, Comparison] = {
     "compile_speedup": (BASELINE, COMPILED),  # torch.compile against eager
     "kernel_vs_compile": (COMPILED, KERNEL),  # > 1: the kernels (in eager) beat torch.compile
     "compiled_kernel_speedup": (COMPILED, COMPILED_KERNEL),  # the kernels inside the compiled model
+    "compiled_kernel_vs_eager": (BASELINE, COMPILED_KERNEL),  # the compiled model with the kernels against eager
 }
 
 COMPILABLE_WORKLOADS = ("prefill",)

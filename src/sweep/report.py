@@ -19,13 +19,16 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .comparison import CAPTION as COMPILE_CAPTION
+from .comparison import COMPILE_METRICS, CompileTable, compile_tables
+from .comparison import HEADER as COMPILE_HEADER
 from .tracking import check_server_reachable
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "kernel-sweep"
 
 NUMERIC_PARAMS = ("prompt_len", "batch_size")
-PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload")
+PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload", "baseline")
 OPTIONAL_METRICS = ("layer_err_ratio_max", "gen_match")
 # The step a run timed; runs logged before workloads existed were prefills. One report part per workload.
 WORKLOADS = ("prefill", "decode", "train")
@@ -75,6 +78,7 @@ def load_runs(
     text_columns = [c for c in (*PARAMS, *TAGS) if c not in NUMERIC_PARAMS]
     frame[text_columns] = frame[text_columns].astype(object).fillna("")
     frame["workload"] = frame["workload"].replace("", WORKLOADS[0])
+    frame["baseline"] = frame["baseline"].replace("", "eager")  # runs logged before the baseline axis existed
     return frame
 
 
@@ -171,10 +175,12 @@ def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.assign(gpu=hardware_labels(runs))
     if "workload" not in runs:  # a frame built from runs that predate workloads
         runs = runs.assign(workload=WORKLOADS[0])
+    if "baseline" not in runs:  # ... or the baseline axis
+        runs = runs.assign(baseline="eager")
     for column in ("kernel_identity", "run_status", "timing_mode_used"):
         if column not in runs.columns:
             runs[column] = ""
-    key = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
+    key = ["workload", "baseline", *CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
     runs = runs.assign(_measured=runs["run_status"].isin(["measured", ""]))
     runs = runs.sort_values(["_measured", "start_time"], kind="stable")
     hidden = runs.groupby(key, dropna=False)["start_time"].transform("size") - 1
@@ -262,7 +268,9 @@ def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 
 def export_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Numeric, one-row-per-run table for CSV."""
-    columns = ["workload", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, "timing_mode_used",
+    compiled = [c for c in COMPILE_METRICS if c in runs.columns]
+    columns = ["workload", "baseline", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, *compiled,
+               "timing_mode_used",
                "run_status", "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id", "run_id", "store",
                "start_time"]
     return runs[columns]
@@ -297,7 +305,14 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
         return export_table(runs).to_csv(index=False)
     parts = []
     for workload, part in workload_parts(runs):
-        parts.append((workload, _marked_pivot(part), section_tables(part.assign(kernel_label=kernel_labels(part)))))
+        compiled = part["baseline"] == "compile"
+        tables = compile_tables(part[compiled].to_dict("records"))
+        part = part[~compiled]
+        if part.empty:
+            parts.append((workload, None, [], tables))
+            continue
+        parts.append((workload, _marked_pivot(part), section_tables(part.assign(kernel_label=kernel_labels(part))),
+                      tables))
     intro = _intro(runs)
     if fmt == "md":
         return _markdown(intro, parts, plots)
@@ -319,7 +334,8 @@ def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 WORKLOAD_TITLES = {"prefill": "prefill: one forward over the prompt",
                    "decode": "decode: one generation step after the prompt (KV cache)",
                    "train": "train: one forward and backward of the loss on the prompt"}
-Part = tuple[str, pd.DataFrame, list[tuple[str, pd.DataFrame]]]  # workload, speedup pivot, sections
+# workload, speedup pivot (None: only baseline=compile runs), sections, the four-way tables of baseline=compile runs
+Part = tuple[str, pd.DataFrame | None, list[tuple[str, pd.DataFrame]], list[CompileTable]]
 
 
 def _intro(runs: pd.DataFrame) -> str:
@@ -334,11 +350,16 @@ def _intro(runs: pd.DataFrame) -> str:
 
 def _markdown(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
     parts = ["# Kernel sweep report", intro]
-    for workload, pivot, sections in workloads:
-        parts += [f"## {WORKLOAD_TITLES.get(workload, workload)}", "### Speedup by GPU", markdown_table(pivot),
-                  "### Results"]
+    for workload, pivot, sections, compiled in workloads:
+        parts.append(f"## {WORKLOAD_TITLES.get(workload, workload)}")
+        if pivot is not None:
+            parts += ["### Speedup by GPU", markdown_table(pivot), "### Results"]
         for title, table in sections:
             parts += [f"#### {title}", markdown_table(table)]
+        if compiled:
+            parts += [f"### {COMPILE_HEADER} (baseline=compile)", COMPILE_CAPTION]
+        for table in compiled:
+            parts += [f"#### {table.title}", f"**{table.headline}**", markdown_table(table.frame)]
     if plots:
         parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"
@@ -357,11 +378,18 @@ def _cell(value: object) -> str:
 
 def _html(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
     parts = [f"<h1>Kernel sweep report</h1>\n<p>{html.escape(intro)}</p>"]
-    for workload, pivot, sections in workloads:
-        parts += [f"<h2>{html.escape(WORKLOAD_TITLES.get(workload, workload))}</h2>", "<h3>Speedup by GPU</h3>",
-                  pivot.to_html(index=False), "<h3>Results</h3>"]
+    for workload, pivot, sections, compiled in workloads:
+        parts.append(f"<h2>{html.escape(WORKLOAD_TITLES.get(workload, workload))}</h2>")
+        if pivot is not None:
+            parts += ["<h3>Speedup by GPU</h3>", pivot.to_html(index=False), "<h3>Results</h3>"]
         for title, table in sections:
             parts += [f"<h4>{html.escape(title)}</h4>", table.to_html(index=False)]
+        if compiled:
+            parts += [f"<h3>{html.escape(COMPILE_HEADER)} (baseline=compile)</h3>",
+                      f"<p>{html.escape(COMPILE_CAPTION)}</p>"]
+        for table in compiled:
+            parts += [f"<h4>{html.escape(table.title)}</h4>", f"<p><b>{html.escape(table.headline)}</b></p>",
+                      table.frame.to_html(index=False)]
     if plots:
         parts += ["<h2>Plots</h2>", *(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)]
     style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px} img{max-width:100%}"
@@ -486,13 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_report(runs: pd.DataFrame, out: Path, fmt: str = "md") -> list[Path]:
     """Write report.<fmt> and its plots for `latest_runs` into `out`; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(runs, out)
+    eager = runs[runs["baseline"] != "compile"]  # the plots and the pivot: one speedup per configuration
+    plots = write_plots(eager, out)
     report = out / f"report.{fmt}"
     report.write_text(render(runs, fmt, plots))
     written = [report, *(out / p for p in plots)]
     if fmt == "csv":
         written.append(out / "speedup_pivot.csv")
-        speedup_pivot(runs).to_csv(written[-1], index=False)
+        speedup_pivot(eager).to_csv(written[-1], index=False)
     return written
 
 

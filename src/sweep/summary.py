@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from rich.table import Table
 
+from .comparison import CAPTION as COMPILE_CAPTION
+from .comparison import HEADER as COMPILE_HEADER
+from .comparison import compile_tables, is_compile_run, job_rows, ratio
 from .results import JobResult, RunStatus
 
 SUMMARY_CAPTION = "~ : the speedup's 95% interval includes 1 (no measurable difference)"
@@ -171,15 +174,29 @@ def accuracy_table(results: Sequence[JobResult], title: str = "accuracy") -> Tab
 
 
 def sweep_tables(results: Sequence[JobResult], title: str) -> list[Table]:
-    """The end-of-sweep tables: per workload, the timing table and, where logits were compared, the accuracy one."""
+    """The end-of-sweep tables: per workload, the timing table and, where logits were compared, the accuracy one;
+    runs with baseline=compile get the four-way tables (`compile_rich_tables`) and their own accuracy table."""
     groups = by_workload(results) or {"prefill": []}
     tables = []
     for workload, mine in groups.items():
         suffix = f": {workload}" if len(groups) > 1 else ""
-        tables.append(summary_table(mine, title=title + suffix))
-        if has_accuracy(mine):
-            tables.append(accuracy_table(mine, title="accuracy" + suffix))
+        plain = [r for r in mine if not is_compile_run(r.params)]
+        compiled = [r for r in mine if is_compile_run(r.params)]
+        if plain or not compiled:
+            tables.append(summary_table(plain, title=title + suffix))
+            if has_accuracy(plain):
+                tables.append(accuracy_table(plain, title="accuracy" + suffix))
+        tables += compile_rich_tables(compiled)
+        if has_accuracy(compiled):
+            tables.append(accuracy_table(compiled, title="accuracy (baseline=compile)" + suffix))
     return tables
+
+
+def compile_rich_tables(results: Sequence[JobResult]) -> list[Table]:
+    """The four-way comparison of baseline=compile runs, one table per (model, dtype, length), headed by the
+    fastest option."""
+    return [_rich(table.frame, f"{COMPILE_HEADER}: {table.title}\n{table.headline}", COMPILE_CAPTION)
+            for table in compile_tables(job_rows(results))]
 
 
 def job_description(result: JobResult) -> str:
@@ -191,6 +208,8 @@ def job_description(result: JobResult) -> str:
         parts.append(f"speedup {_speedup(result)}")
     elif "latency_ms_baseline" in result.metrics:  # kernels=none: the baseline alone
         parts.append(f"baseline {_number(result, 'latency_ms_baseline', '.4f')} ms")
+    if "compile_speedup" in result.metrics:
+        parts.append(f"torch.compile {ratio(result.metrics, 'compile_speedup', 3)}")
     if "max_abs_diff" in result.metrics:
         parts.append(f"max diff {_number(result, 'max_abs_diff', '.4g')}")
     if "err_ratio" in result.metrics:

@@ -13,6 +13,9 @@ import pandas as pd
 
 from . import report
 from .charts import speedup_chart
+from .comparison import CAPTION as COMPILE_CAPTION
+from .comparison import HEADER as COMPILE_HEADER
+from .comparison import compile_tables, is_compile_run, job_rows
 from .results import JobResult, RunStatus
 from .summary import (
     ACCURACY_CAPTION,
@@ -88,11 +91,21 @@ def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: 
     if has_chart:
         parts.append(f"![speedup per job]({links.artifact(sweep_id, CHART)})")
     groups = by_workload(shown)
-    for workload, jobs in groups.items():
+    for workload, mine in groups.items():
         suffix = f": {workload}" if len(groups) > 1 else ""
-        parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link), f"*{SUMMARY_CAPTION}*"]
+        jobs = [r for r in mine if not is_compile_run(r.params)]
+        compiled = [r for r in mine if is_compile_run(r.params)]
+        if jobs:
+            parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link),
+                      f"*{SUMMARY_CAPTION}*"]
         if has_accuracy(jobs):
             parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
+        for table in compile_tables(job_rows(compiled)):
+            parts += [f"#### {COMPILE_HEADER}: {table.title}{suffix}", f"**{table.headline}**",
+                      report.markdown_table(table.frame), f"*{COMPILE_CAPTION}*"]
+        if has_accuracy(compiled):
+            parts += [f"#### Accuracy (baseline=compile){suffix}", _markdown(compiled, ACCURACY_COLUMNS, run_link),
+                      f"*{ACCURACY_CAPTION}*"]
     if len(shown) < total:
         parts.append(f"**Only the first {len(shown)} of {total} jobs fit here: all are in `{RESULTS_CSV}`.**")
     parts.append("Artifacts of this run: " + ", ".join(f"`{a}`" for a in artifacts) + ".")

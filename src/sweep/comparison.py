@@ -1,0 +1,188 @@
+"""The four-way comparison of `baseline=compile` runs (eager, torch.compile, the kernels, torch.compile with the
+kernels): one table per (model, dtype, length), one row per kernel subset, headed by which option is fastest.
+Shared by the end-of-sweep tables, the sweep's page in the UI and the report."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import median_low
+
+import pandas as pd
+
+Row = Mapping[str, object]  # one run: params, metrics and tags by name, plus run_status and status_reason
+
+EAGER, COMPILE = "eager", "torch.compile"
+# An option's (time, speedup over eager, ratio against torch.compile: > 1 is faster) metrics.
+_KERNEL_OPTION = ("latency_ms_kernel", "speedup", "kernel_vs_compile")
+_COMPILED_KERNEL_OPTION = ("latency_ms_compiled_kernel", "compiled_kernel_vs_eager", "compiled_kernel_speedup")
+# What a baseline=compile run logs besides the metrics every run has (the report's CSV carries them).
+COMPILE_METRICS = (
+    "latency_ms_compiled", "latency_ms_compiled_kernel",
+    *(f"{name}{suffix}" for name in ("compile_speedup", "kernel_vs_compile", "compiled_kernel_speedup",
+                                     "compiled_kernel_vs_eager") for suffix in ("", "_ci_low", "_ci_high")),
+    "compile_s_baseline", "compile_s_kernel", "compiled_graphs_baseline", "compiled_graphs_kernel",
+    "graph_breaks_baseline", "graph_breaks_kernel", "recompiles", "ref_err_compiled", "ref_err_compiled_kernel",
+    "err_ratio_compiled", "err_ratio_compiled_kernel", "max_abs_diff_compiled", "max_abs_diff_compiled_kernel",
+)
+GROUP = ("model", "dtype", "prompt_len", "batch_size", "gpu")
+HEADER = "torch.compile against the kernels"
+CAPTION = ("x / y: how many times faster x is than y (y's time over x's), timed in the same rounds, with its 95% "
+           "interval; ~: the interval includes 1")
+
+
+def is_compile_run(row: Row) -> bool:
+    return row.get("baseline") == "compile"
+
+
+@dataclass(frozen=True)
+class CompileTable:
+    title: str  # e.g. "tiny-llama bf16 T=118"
+    headline: str  # which option is fastest, by how much, with its interval
+    frame: pd.DataFrame  # cells as text
+
+
+def compile_tables(rows: Sequence[Row]) -> list[CompileTable]:
+    """One table per (model, dtype, length, batch, machine) of the compile runs among `rows`, in first-run order."""
+    groups: dict[tuple[object, ...], list[Row]] = {}
+    for row in rows:
+        if is_compile_run(row):
+            groups.setdefault(tuple(_present(row.get(key)) for key in GROUP), []).append(row)
+    return [CompileTable(_title(key), headline(mine), _frame(mine)) for key, mine in groups.items()]
+
+
+def _title(key: tuple[object, ...]) -> str:
+    model, dtype, length, batch, gpu = key
+    words = [str(model), str(dtype), f"T={length}"]
+    words += [f"B={batch}"] if batch not in (None, "1", 1) else []
+    words += [f"on {gpu}"] if gpu is not None else []
+    return " ".join(words)
+
+
+def _present(value: object) -> object:
+    """None for a value that is missing (absent, or NaN in a data frame)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _value(row: Row, name: str) -> float | None:
+    value = _present(row.get(name))
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def ratio(row: Row, name: str, digits: int = 2) -> str:
+    """`1.23x [1.20, 1.26]` from the metric `name` and its interval; `~` when the interval includes 1."""
+    value, low, high = (_value(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
+    if value is None:
+        return "-"
+    if low is None or high is None:
+        return f"{value:.{digits}f}x [no interval]"
+    marker = " ~" if low <= 1.0 <= high else ""
+    return f"{value:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}"
+
+
+def _number(row: Row, name: str, spec: str) -> str:
+    value = _value(row, name)
+    if value is None:
+        return "-"
+    if abs(value) >= sys.float_info.max:  # how MLflow stores an infinite ratio
+        return "∞"
+    return format(value, spec)
+
+
+def _note(row: Row) -> str:
+    status = str(row.get("run_status", "measured"))
+    if status != "measured":
+        reason = " ".join(str(row.get("status_reason", "")).split())
+        return f"{status}: {reason[:80]}"
+    note = _present(row.get("compiled_kernel_note"))
+    return f"compile+kernels {str(note).split(':')[0]} (tag compiled_kernel_note)" if note else ""
+
+
+COLUMNS: tuple[tuple[str, object], ...] = (
+    ("kernels", lambda r: str(r.get("kernels"))),
+    ("eager ms", lambda r: _number(r, "latency_ms_baseline", ".4f")),
+    ("compile ms", lambda r: _number(r, "latency_ms_compiled", ".4f")),
+    ("kernels ms", lambda r: _number(r, "latency_ms_kernel", ".4f")),
+    ("compile+kernels ms", lambda r: _number(r, "latency_ms_compiled_kernel", ".4f")),
+    ("compile / eager", lambda r: ratio(r, "compile_speedup")),
+    ("kernels / eager", lambda r: ratio(r, "speedup")),
+    ("kernels / compile", lambda r: ratio(r, "kernel_vs_compile")),
+    ("compile+kernels / compile", lambda r: ratio(r, "compiled_kernel_speedup")),
+    ("compile s", lambda r: _number(r, "compile_s_baseline", ".1f")),
+    ("graph breaks", lambda r: _number(r, "graph_breaks_baseline", ".0f")),
+    ("recompiles", lambda r: _number(r, "recompiles", ".0f")),
+    ("err_ratio compiled", lambda r: _number(r, "err_ratio_compiled", ".3f")),
+    ("timing used", lambda r: str(_present(r.get("timing_mode_used")) or "")),
+    ("note", _note),
+)
+
+
+def _frame(rows: Sequence[Row]) -> pd.DataFrame:
+    return pd.DataFrame([[cell(row) for _, cell in COLUMNS] for row in rows],  # type: ignore[operator]
+                        columns=[name for name, _ in COLUMNS])
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    row: Row
+    vs_eager: str  # the metric: its speedup over eager
+    vs_compile: str | None  # the metric: its ratio against torch.compile (> 1: faster), None for torch.compile
+
+
+def _options(rows: Sequence[Row]) -> list[_Option]:
+    """Every option measured with an interval against eager. torch.compile is timed in every run: the run whose
+    compile_speedup is the median speaks for it (not the fastest, which would favour it by chance)."""
+    measured = [r for r in rows if r.get("run_status", "measured") == "measured"]
+    options = []
+    compiled = [r for r in measured if _value(r, "compile_speedup") is not None]
+    if compiled:
+        middle = median_low([_value(r, "compile_speedup") for r in compiled])
+        options.append(_Option(COMPILE, next(r for r in compiled if _value(r, "compile_speedup") == middle),
+                               "compile_speedup", None))
+    for row in measured:
+        kernels = str(row.get("kernels"))
+        for name, (_, vs_eager, vs_compile) in ((kernels, _KERNEL_OPTION),
+                                                 (f"{COMPILE} + {kernels}", _COMPILED_KERNEL_OPTION)):
+            if _value(row, vs_eager) is not None:
+                options.append(_Option(name, row, vs_eager, vs_compile))
+    return options
+
+
+def headline(rows: Sequence[Row]) -> str:
+    """Which option is fastest, by how much over eager and against torch.compile (or, when torch.compile is the
+    fastest, against the best kernel option), each with its interval."""
+    options = _options(rows)
+    if not options:
+        return "no option measured"
+    best = max(options, key=lambda o: _value(o.row, o.vs_eager) or 0.0)
+    if (_value(best.row, best.vs_eager) or 0.0) <= 1.0:
+        runner_up = f"{best.name}: {ratio(best.row, best.vs_eager)} eager's speed"
+        return f"fastest: eager; the best other option is {runner_up}"
+    text = f"fastest: {best.name}, {ratio(best.row, best.vs_eager)} over eager"
+    if best.vs_compile is not None and _value(best.row, best.vs_compile) is not None:
+        return text + f", {ratio(best.row, best.vs_compile)} over torch.compile"
+    kernel_options = [o for o in options if o.vs_compile is not None and _value(o.row, o.vs_compile) is not None]
+    if kernel_options:
+        closest = max(kernel_options, key=lambda o: _value(o.row, o.vs_compile) or 0.0)
+        inverse = _inverse(closest.row, closest.vs_compile)  # type: ignore[arg-type]
+        text += f", {inverse} over the best kernel option ({closest.name})"
+    return text
+
+
+def _inverse(row: Row, name: str) -> str:
+    """The ratio the other way round: 1/x with the interval [1/high, 1/low]."""
+    inverted = {name: 1 / v for name, v in [(name, _value(row, name))] if v}
+    low, high = _value(row, name + "_ci_low"), _value(row, name + "_ci_high")
+    if low and high:
+        inverted |= {name + "_ci_low": 1 / high, name + "_ci_high": 1 / low}
+    return ratio(inverted, name)
+
+
+def job_rows(results: Sequence[object]) -> list[dict[str, object]]:
+    """JobResults as rows: params, metrics and tags by name, with run_status and status_reason."""
+    return [{**r.tags, **r.params, **r.metrics,  # type: ignore[attr-defined]
+             "run_status": r.status.value, "status_reason": r.reason}  # type: ignore[attr-defined]
+            for r in results]
