@@ -3,15 +3,16 @@ the kernels inside the compiled model where they declare it, compile time kept o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, SHORT_PROMPT, local_kernel
+from conftest import SHORT_PROMPT, local_kernel
 from kernel_repos import EXACT_RMSNORM, EXACT_SILU, write_kernel_repo
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from test_cli import child_runs, run_sweep
 
+from sweep import report
+from sweep.comparison import compile_tables, headline
 from sweep.job import job_name, run_job
 from sweep.results import RunStatus
 
@@ -120,17 +121,63 @@ def test_compile_baseline_is_for_prefill(make_config, models):
     assert "baseline=compile" in result.reason and "workload=decode with baseline=eager" in result.reason
 
 
-def test_cli_sweeps_the_baseline_axis(tmp_path, cpu_kernel_configs):
-    """`-m baseline=eager,compile`: typed options (a typo stops it), one run per baseline, the summary's
-    four-way table."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
-    common = [sys.executable, "-m", "sweep", "--config-dir", str(cpu_kernel_configs),
-              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-              "dtype=fp32", *SHORT_PROMPT, *SMALL]
-    typo = subprocess.run([*common, "baseline=compile", "baseline.mdoe=max-autotune"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
+def test_cli_sweeps_the_baseline_axis_into_tables_page_and_report(tmp_path, cpu_kernel_configs):
+    """`-m baseline=eager,compile`: typed options (a typo stops it), one run per baseline, the four-way table in
+    the terminal, on the sweep's page and in the report, beside the eager runs' own tables."""
+    options = ["--config-dir", str(cpu_kernel_configs), "dtype=fp32", *SHORT_PROMPT, *SMALL]
+    typo = run_sweep(tmp_path, *options, "baseline=compile", "baseline.mdoe=max-autotune")
     assert typo.returncode != 0 and "mdoe" in typo.stderr
-    sweep = subprocess.run([*common[:3], "-m", *common[3:], "baseline=eager,compile", "kernels=silu_cpu"], capture_output=True,
-                           text=True, env=env, cwd=tmp_path)
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
-    assert "compile_speedup" in sweep.stdout or "compiled" in sweep.stdout
+    done = run_sweep(tmp_path, "-m", *options, "baseline=eager,compile", "kernels=silu_cpu")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "torch.compile against the kernels: tiny-llama fp32 T=40" in done.stdout
+    assert "fastest: " in done.stdout
+
+    client, (parent,), children = child_runs(tmp_path)
+    assert sorted(child.data.params["baseline"] for child in children) == ["compile", "eager"]
+    (compiled_run,) = [child for child in children if child.data.params["baseline"] == "compile"]
+    assert "can_torch_compile" in compiled_run.data.tags["compiled_kernel_note"]
+    description = parent.data.tags[MLFLOW_RUN_NOTE]
+    assert "#### torch.compile against the kernels: tiny-llama fp32 T=40" in description
+    assert "#### Timing" in description  # the eager run keeps its own table
+
+    runs = report.latest_runs(report.load_runs([f"sqlite:///{tmp_path}/mlflow.db"], "kernel-sweep"))
+    assert sorted(runs["baseline"]) == ["compile", "eager"]  # one run each: the baseline is part of the run's key
+    text = report.render(runs, "md")
+    compiled = text[text.index("### torch.compile against the kernels"):]
+    assert "**fastest: " in compiled and "| silu_cpu |" in compiled and "compile+kernels not timed" in compiled
+    pivot = text[text.index("### Speedup by GPU"):text.index("### Results")]
+    assert pivot.count("| silu_cpu |") == 1  # the eager run's speedup only
+    csv = report.render(runs, "csv")
+    assert "compile_speedup" in csv.splitlines()[0]
+
+
+def _row(kernels: str, **ratios: tuple[float, float, float]) -> dict[str, object]:
+    row: dict[str, object] = {"baseline": "compile", "model": "tiny-llama", "dtype": "bf16", "prompt_len": 118,
+                              "batch_size": "1", "kernels": kernels, "run_status": "measured"}
+    for name, (value, low, high) in ratios.items():
+        row |= {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return row
+
+
+def test_headline_names_the_fastest_option_with_its_intervals():
+    compile_wins = [_row("rms", compile_speedup=(2.0, 1.9, 2.1), speedup=(1.2, 1.1, 1.3),
+                         kernel_vs_compile=(0.6, 0.5, 0.625))]
+    assert headline(compile_wins) == ("fastest: torch.compile, 2.00x [1.90, 2.10] over eager, 1.67x [1.60, 2.00] "
+                                      "over the best kernel option (rms)")
+    both_win = [_row("rms", compile_speedup=(2.0, 1.9, 2.1), speedup=(1.2, 1.1, 1.3),
+                     kernel_vs_compile=(0.6, 0.5, 0.625), compiled_kernel_speedup=(1.1, 1.05, 1.15),
+                     compiled_kernel_vs_eager=(2.2, 2.1, 2.3))]
+    assert headline(both_win) == ("fastest: torch.compile + rms, 2.20x [2.10, 2.30] over eager, "
+                                  "1.10x [1.05, 1.15] over torch.compile")
+    eager_wins = [_row("silu", compile_speedup=(0.85, 0.8, 0.9), speedup=(0.99, 0.98, 1.01),
+                       kernel_vs_compile=(1.16, 1.1, 1.2))]
+    assert headline(eager_wins).startswith("fastest: eager; the best other option is silu: 0.99x [0.98, 1.01] ~")
+
+
+def test_torch_compile_is_represented_by_its_median_run():
+    rows = [_row(kernels, compile_speedup=(value, value - 0.05, value + 0.05), speedup=(1.0, 0.9, 1.1))
+            for kernels, value in (("rms", 2.1), ("silu", 1.9), ("both", 2.0))]
+    assert headline(rows).startswith("fastest: torch.compile, 2.00x [1.95, 2.05] over eager")
+    (table,) = compile_tables(rows)
+    assert table.title == "tiny-llama bf16 T=118" and list(table.frame["kernels"]) == ["rms", "silu", "both"]
+    assert list(table.frame["compile / eager"]) == ["2.10x [2.05, 2.15]", "1.90x [1.85, 1.95]", "2.00x [1.95, 2.05]"]

@@ -10,7 +10,7 @@ import torch
 
 from sweep.config import TimingConfig
 from sweep.statistics import blocked_speedup
-from sweep.timing import replay_accepted, timed_rounds
+from sweep.timing import replay_accepted, timed_rounds, timed_sides
 
 
 def _blocks(n_blocks: int, rounds: int) -> list[int]:
@@ -78,7 +78,7 @@ class FakeClock:
         self.noise = noise
 
     def measure(self, runner: FakeRunner, reps: int) -> float:
-        return runner.mean_ms * math.exp(self.rng.normal(0, self.noise))
+        return runner.mean_ms * math.exp(self.rng.normal(0, getattr(runner, "noise", self.noise)))
 
 
 def _rounds(noise: float, **timing):
@@ -136,3 +136,50 @@ def test_budget_counts_timed_work_and_stops_at_the_end_of_a_block():
 ])
 def test_replay_check_decides_by_nearest_input_with_a_margin(own, others, accepted):
     assert replay_accepted(own, others) is accepted
+
+
+def test_four_sides_in_one_round_give_every_comparison_its_interval():
+    """baseline=compile's sides: every round times each side once, in random order, on the same input."""
+    runners = {"baseline": FakeRunner(2.0), "kernel": FakeRunner(1.6), "compiled": FakeRunner(1.0),
+               "compiled_kernel": FakeRunner(0.8)}
+    comparisons = {"speedup": ("baseline", "kernel"), "compile_speedup": ("baseline", "compiled"),
+                   "kernel_vs_compile": ("compiled", "kernel"),
+                   "compiled_kernel_speedup": ("compiled", "compiled_kernel")}
+    cfg = TimingConfig(min_measure_ms=0.0, warmup=0, min_rounds=10, block_rounds=5, target_ci=0.01, budget_s=60.0)
+    result = timed_sides(runners, comparisons, 3, cfg, torch.device("cpu"), clock=FakeClock(0.002))
+    truth = {"speedup": 1.25, "compile_speedup": 2.0, "kernel_vs_compile": 0.625, "compiled_kernel_speedup": 1.25}
+    assert set(result.estimates) == set(truth)
+    for name, ratio in truth.items():
+        assert result.estimates[name].low <= ratio <= result.estimates[name].high, name
+    assert all(len(times) == result.rounds for times in result.ms.values())
+    assert result.seconds == pytest.approx(sum(sum(times) for times in result.ms.values()) / 1e3)
+    assert all(runner.renewals == len(set(result.blocks)) - 1 for runner in runners.values())
+    assert all(set(runner.prepared) == {0, 1, 2} for runner in runners.values())
+
+
+def test_the_widest_interval_decides_when_to_stop():
+    """One noisy side keeps the rounds going although the quiet pair's interval met the target long before."""
+    quiet = {"baseline": FakeRunner(2.0), "kernel": FakeRunner(1.0)}
+    noisy = FakeRunner(1.5)
+    noisy.noise = 0.05
+    cfg = TimingConfig(min_measure_ms=0.0, warmup=0, min_rounds=10, block_rounds=5, target_ci=0.005, budget_s=1e9,
+                       max_rounds=200)
+    alone = timed_sides(quiet, {"speedup": ("baseline", "kernel")}, 3, cfg, torch.device("cpu"),
+                        clock=FakeClock(0.001))
+    both = timed_sides({**quiet, "compiled": noisy}, {"speedup": ("baseline", "kernel"),
+                                                       "compile_speedup": ("baseline", "compiled")},
+                       3, cfg, torch.device("cpu"), clock=FakeClock(0.001))
+    assert alone.stopped_by == "target" and alone.rounds == 10
+    assert both.rounds > 10
+    assert both.estimates["speedup"].relative_half_width <= 0.005
+    assert both.rounds == 200 or both.estimates["compile_speedup"].relative_half_width <= 0.005
+
+
+def test_two_sides_through_timed_rounds_are_timed_sides():
+    """The two-side path is the general one with `speedup` = baseline / kernel: same rounds, same numbers."""
+    cfg = TimingConfig(min_measure_ms=0.0, warmup=0, min_rounds=10, block_rounds=5, target_ci=0.005, budget_s=60.0)
+    paired = timed_rounds(FakeRunner(2.0), FakeRunner(1.0), 3, cfg, torch.device("cpu"), clock=FakeClock(0.01))
+    general = timed_sides({"baseline": FakeRunner(2.0), "kernel": FakeRunner(1.0)},
+                          {"speedup": ("baseline", "kernel")}, 3, cfg, torch.device("cpu"), clock=FakeClock(0.01))
+    assert paired.baseline_ms == general.ms["baseline"] and paired.kernel_ms == general.ms["kernel"]
+    assert paired.estimate == general.estimates["speedup"] and paired.stopped_by == general.stopped_by

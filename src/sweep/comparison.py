@@ -44,13 +44,15 @@ class CompileTable:
     frame: pd.DataFrame  # cells as text
 
 
-def compile_tables(rows: Sequence[Row]) -> list[CompileTable]:
-    """One table per (model, dtype, length, batch, machine) of the compile runs among `rows`, in first-run order."""
+def compile_tables(rows: Sequence[Row], brief: bool = False) -> list[CompileTable]:
+    """One table per (model, dtype, length, batch, machine) of the compile runs among `rows`, in first-run order;
+    `brief`: without compile time, graph breaks, recompiles, err_ratio and timing (for a terminal)."""
     groups: dict[tuple[object, ...], list[Row]] = {}
     for row in rows:
         if is_compile_run(row):
             groups.setdefault(tuple(_present(row.get(key)) for key in GROUP), []).append(row)
-    return [CompileTable(_title(key), headline(mine), _frame(mine)) for key, mine in groups.items()]
+    columns = BRIEF_COLUMNS if brief else COLUMNS
+    return [CompileTable(_title(key), headline(mine), _frame(mine, columns)) for key, mine in groups.items()]
 
 
 def _title(key: tuple[object, ...]) -> str:
@@ -97,7 +99,7 @@ def _note(row: Row) -> str:
         reason = " ".join(str(row.get("status_reason", "")).split())
         return f"{status}: {reason[:80]}"
     note = _present(row.get("compiled_kernel_note"))
-    return f"compile+kernels {str(note).split(':')[0]} (tag compiled_kernel_note)" if note else ""
+    return f"compile+kernels {str(note).split(':')[0]}" if note else ""
 
 
 COLUMNS: tuple[tuple[str, object], ...] = (
@@ -119,9 +121,14 @@ COLUMNS: tuple[tuple[str, object], ...] = (
 )
 
 
-def _frame(rows: Sequence[Row]) -> pd.DataFrame:
-    return pd.DataFrame([[cell(row) for _, cell in COLUMNS] for row in rows],  # type: ignore[operator]
-                        columns=[name for name, _ in COLUMNS])
+# The terminal's table: times, ratios and the note.
+BRIEF_COLUMNS = tuple(column for column in COLUMNS if column[0] not in (
+    "compile s", "graph breaks", "recompiles", "err_ratio compiled", "timing used"))
+
+
+def _frame(rows: Sequence[Row], columns: Sequence[tuple[str, object]]) -> pd.DataFrame:
+    return pd.DataFrame([[cell(row) for _, cell in columns] for row in rows],  # type: ignore[operator]
+                        columns=[name for name, _ in columns])
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ def compile_rich_tables(results: Sequence[JobResult]) -> list[Table]:
     """The four-way comparison of baseline=compile runs, one table per (model, dtype, length), headed by the
     fastest option."""
     return [_rich(table.frame, f"{COMPILE_HEADER}: {table.title}\n{table.headline}", COMPILE_CAPTION)
-            for table in compile_tables(job_rows(results))]
+            for table in compile_tables(job_rows(results), brief=True)]
 
 
 def job_description(result: JobResult) -> str:
