@@ -95,6 +95,15 @@ def test_a_kernel_without_compile_support_skips_that_side_only(make_config, mode
     assert not [key for key in metrics if "compiled_kernel" in key or key.endswith("_s_kernel")]
 
 
+def test_an_undeclared_kernel_is_compiled_on_request(make_config, models, kernel_repos):
+    result = compiled_job(make_config, models, "dtype=fp32", "baseline.undeclared_kernels=compile",
+                          *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"))
+    assert result.status == RunStatus.measured, result.reason
+    assert "compiled although" in result.tags["compiled_kernel_note"]
+    assert result.params["compile_undeclared_kernels"] == "compile"
+    assert result.metrics["max_abs_diff_compiled_kernel"] == 0.0 and "compiled_kernel_speedup" in result.metrics
+
+
 def test_kernels_none_compares_compile_with_eager(make_config, models):
     result = compiled_job(make_config, models, "dtype=fp32")
     assert result.status == RunStatus.measured, result.reason

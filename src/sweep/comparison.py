@@ -98,8 +98,10 @@ def _note(row: Row) -> str:
     if status != "measured":
         reason = " ".join(str(row.get("status_reason", "")).split())
         return f"{status}: {reason[:80]}"
-    note = _present(row.get("compiled_kernel_note"))
-    return f"compile+kernels {str(note).split(':')[0]}" if note else ""
+    note = str(_present(row.get("compiled_kernel_note")) or "")
+    if note.startswith("not timed"):
+        return "compile+kernels not timed: a kernel does not declare can_torch_compile"
+    return "compile+kernels: undeclared kernel compiled anyway" if note else ""
 
 
 COLUMNS: tuple[tuple[str, object], ...] = (

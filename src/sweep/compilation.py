@@ -13,7 +13,7 @@ import torch._dynamo
 from kernels import Mode
 from torch._dynamo.utils import counters
 
-from .config import BaselineKind
+from .config import BaselineKind, UndeclaredKernels
 from .errors import JobConfigError
 from .kernelization import KernelSwitch, ResolvedKernel
 from .timing import BASELINE, KERNEL, SPEEDUP, Comparison, TimedSide
@@ -44,7 +44,8 @@ def baseline_params(cfg: Any) -> dict[str, str]:
     if compiles(cfg):
         options = cfg.baseline
         params |= {"compile_mode": str(options.mode), "compile_dynamic": str(options.dynamic),
-                   "compile_fullgraph": str(options.fullgraph), "compile_backend": str(options.backend)}
+                   "compile_fullgraph": str(options.fullgraph), "compile_backend": str(options.backend),
+                   "compile_undeclared_kernels": UndeclaredKernels(options.undeclared_kernels).value}
     return params
 
 
@@ -71,19 +72,25 @@ class DynamoCounts:
 
 
 def compile_kernel_switch(
-    model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device
+    model: torch.nn.Module, kernels: list[ResolvedKernel], device: torch.device, eager_switch: KernelSwitch,
+    undeclared: UndeclaredKernels,
 ) -> tuple[KernelSwitch | None, str]:
-    """The kernels applied through kernelize's `INFERENCE | TORCH_COMPILE` mode, or None and why not. kernelize
-    keeps the original forward of a layer that does not declare `can_torch_compile = True`; such a side would time
-    the compiled model without kernels under another name, so it is not timed."""
-    undeclared = []
+    """The kernels applied through kernelize's `INFERENCE | TORCH_COMPILE` mode, and a note; None when they cannot
+    be. kernelize keeps the original forward of a layer that does not declare `can_torch_compile = True`: such a
+    side would time the compiled model without kernels under another name, so it is not timed, unless
+    `undeclared` is `compile`: then the inference forwards (`eager_switch`) are compiled, and the note says so."""
+    undeclared_layers = []
     for kernel in kernels:
         layer = replace(kernel.repository, backend=device.type).load()  # as KernelSwitch.apply loads it
         if not getattr(layer, "can_torch_compile", False):
-            undeclared.append(f"{kernel.layer} ({kernel.identity})")
-    if undeclared:
-        return None, (f"not timed: the kernel of {', '.join(undeclared)} does not declare can_torch_compile = True, "
-                      "so kernelize's TORCH_COMPILE mode keeps the original forward")
+            undeclared_layers.append(f"{kernel.layer} ({kernel.identity})")
+    if undeclared_layers and undeclared == UndeclaredKernels.compile:
+        return eager_switch, (f"compiled although the kernel of {', '.join(undeclared_layers)} does not declare "
+                              "can_torch_compile = True (baseline.undeclared_kernels=compile): its inference forward")
+    if undeclared_layers:
+        return None, (f"not timed: the kernel of {', '.join(undeclared_layers)} does not declare "
+                      "can_torch_compile = True, so kernelize's TORCH_COMPILE mode keeps the original forward "
+                      "(baseline.undeclared_kernels=compile compiles it anyway)")
     switch = KernelSwitch.apply(model, kernels, device, Mode.INFERENCE | Mode.TORCH_COMPILE)
     missing = [layer for layer, count in switch.replaced.items() if count == 0]
     if missing:

@@ -102,6 +102,11 @@ class BaselineKind(str, Enum):
     compile = "compile"  # also the model under torch.compile, with and without the kernels
 
 
+class UndeclaredKernels(str, Enum):
+    skip = "skip"  # a kernel that does not declare can_torch_compile = True is not timed inside torch.compile
+    compile = "compile"  # compiled anyway, with its inference forward; tagged (dynamo may break the graph at it)
+
+
 @dataclass
 class BaselineConfig:
     """What a kernel is measured against (sweep/compilation.py): the eager model, or also torch.compile's."""
@@ -109,11 +114,12 @@ class BaselineConfig:
     name: BaselineKind = BaselineKind.eager
     # torch.compile's arguments (compile only). `mode`: default, reduce-overhead, max-autotune,
     # max-autotune-no-cudagraphs; reduce-overhead and max-autotune use CUDA graphs of their own, which an
-    # outer capture cannot hold (the job is then timed eagerly and tagged).
+    # outer capture may not hold (where it fails, the job is timed eagerly and tagged).
     mode: str = "default"
     dynamic: bool | None = False  # False: shapes specialised (one compile per prompt length)
     fullgraph: bool = False  # True: a graph break fails the job instead of falling back to Python
     backend: str = "inductor"
+    undeclared_kernels: UndeclaredKernels = UndeclaredKernels.skip
 
 
 @dataclass

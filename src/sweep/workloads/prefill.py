@@ -120,7 +120,8 @@ def _compile(job: JobState) -> CompiledSides:
 
     compiled_switch, note = None, ""
     if job.switch is not None:
-        compiled_switch, note = compile_kernel_switch(model, job.kernels, job.device)
+        compiled_switch, note = compile_kernel_switch(model, job.kernels, job.device, job.switch,
+                                                      job.cfg.baseline.undeclared_kernels)
     if note:
         job.result.tags["compiled_kernel_note"] = note
     compiled = compile_sides(compiled_call, compiled_call_with_kernels, job.switch, compiled_switch, job.inputs[0],
