@@ -136,6 +136,12 @@ def test_cli_sweeps_the_baseline_axis_into_tables_page_and_report(tmp_path, cpu_
     options = ["--config-dir", str(cpu_kernel_configs), "dtype=fp32", *SHORT_PROMPT, *SMALL]
     typo = run_sweep(tmp_path, *options, "baseline=compile", "baseline.mdoe=max-autotune")
     assert typo.returncode != 0 and "mdoe" in typo.stderr
+    refused = run_sweep(tmp_path, *options, "baseline=compile", "baseline.mode=fastest", "workload=decode")
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    said = " ".join(refused.stderr.split())
+    assert "baseline.mode=fastest is not one of torch.compile's modes: default," in said
+    assert "run workload=decode with baseline=eager" in said
+    assert not (tmp_path / "mlflow.db").exists()
     done = run_sweep(tmp_path, "-m", *options, "baseline=eager,compile", "kernels=silu_cpu")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "torch.compile against the kernels: tiny-llama fp32 T=40" in done.stdout

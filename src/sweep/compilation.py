@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+import torch._inductor
 from kernels import Mode
 from torch._dynamo.utils import counters
 
@@ -51,9 +52,29 @@ def baseline_params(cfg: Any) -> dict[str, str]:
 
 def check_baseline(cfg: Any) -> None:
     """Before a model is touched: the compile baseline exists for the workloads that support it."""
-    if compiles(cfg) and cfg.workload.name not in COMPILABLE_WORKLOADS:
-        raise JobConfigError(f"baseline=compile is measured for workload={', '.join(COMPILABLE_WORKLOADS)}; "
-                             f"run workload={cfg.workload.name} with baseline=eager")
+    if problems := baseline_problems(cfg):
+        raise JobConfigError("; ".join(problems))
+
+
+def baseline_problems(cfg: Any) -> list[str]:
+    """What is wrong with `baseline` for this job (checked at start-up, for every job of a sweep)."""
+    if not compiles(cfg):
+        return []
+    problems = []
+    if cfg.workload.name not in COMPILABLE_WORKLOADS:
+        problems.append(f"baseline=compile is measured for workload={', '.join(COMPILABLE_WORKLOADS)}; "
+                        f"run workload={cfg.workload.name} with baseline=eager")
+    modes = list(torch._inductor.list_mode_options())
+    if cfg.baseline.mode not in modes:
+        problems.append(f"baseline.mode={cfg.baseline.mode} is not one of torch.compile's modes: {', '.join(modes)}")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.baseline.backend not in backends:
+        problems.append(f"baseline.backend={cfg.baseline.backend} is not a torch.compile backend here: "
+                        f"{', '.join(backends)}")
+    elif cfg.baseline.backend != "inductor" and cfg.baseline.mode != "default":
+        problems.append(f"baseline.mode={cfg.baseline.mode} is inductor's; use baseline.mode=default with "
+                        f"baseline.backend={cfg.baseline.backend}")
+    return problems
 
 
 @dataclass

@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from transformers import AutoConfig
 
+from .compilation import baseline_problems
 from .config import (
     KernelSourceMode,
     ModelConfig,
@@ -112,6 +113,7 @@ def job_problems(cfg: DictConfig) -> list[str]:
     problems += _model_problems(cfg.model)
     problems += _prompt_token_problems(cfg.model.id, cfg.model.name, cfg.model.tokenizer, prompt.text, prompt.length)
     problems += _kernel_problems(cfg.kernels)
+    problems += baseline_problems(cfg)
     return problems
 
 

@@ -54,6 +54,9 @@ class Prefill:
     name: ClassVar[str] = "prefill"
     kernel_mode: ClassVar[Mode] = Mode.INFERENCE
 
+    def __init__(self) -> None:
+        self._compiled: CompiledSides | None = None  # baseline=compile
+
     def positions(self, prompt: PromptConfig) -> int:
         return prompt.length
 
@@ -72,9 +75,6 @@ class Prefill:
 
     def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return nullcontext()
-
-    def __init__(self) -> None:
-        self._compiled: CompiledSides | None = None  # baseline=compile
 
     def sides(self, job: JobState) -> Sides:
         use_cache = job.cfg.forward.use_cache
