@@ -61,6 +61,7 @@ def test_exact_kernels_inside_the_compiled_model(make_config, models, compilable
     assert metrics["max_abs_diff_compiled_kernel"] == 0.0
     assert metrics["err_ratio_compiled_kernel"] == metrics["err_ratio_compiled"]
     assert metrics["ref_err_compiled"] > 0 and metrics["max_abs_diff_compiled"] >= 0
+    assert metrics["max_abs_diff_compiled_kernel_vs_eager"] == metrics["max_abs_diff_compiled"]
     assert "compiled_kernel_note" not in result.tags
     # Compiled on each side's first call, before the numerics and the rounds; nothing compiles after it.
     assert metrics["compile_s_baseline"] > 0 and metrics["compile_s_kernel"] > 0

@@ -26,6 +26,7 @@ COMPILE_METRICS = (
     "compile_s_baseline", "compile_s_kernel", "compiled_graphs_baseline", "compiled_graphs_kernel",
     "graph_breaks_baseline", "graph_breaks_kernel", "recompiles", "ref_err_compiled", "ref_err_compiled_kernel",
     "err_ratio_compiled", "err_ratio_compiled_kernel", "max_abs_diff_compiled", "max_abs_diff_compiled_kernel",
+    "max_abs_diff_compiled_kernel_vs_eager",
 )
 GROUP = ("model", "dtype", "prompt_len", "batch_size", "gpu")
 HEADER = "torch.compile against the kernels"

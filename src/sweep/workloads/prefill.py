@@ -132,8 +132,8 @@ def _compile(job: JobState) -> CompiledSides:
 
 def _compiled_numerics(job: JobState, compiled: CompiledSides) -> dict[str, float]:
     """The compiled sides against the same reference as eager (`err_ratio_*` = their error over eager's) and
-    against eager (`max_abs_diff_compiled`); the kernels inside the compiled model against it without them
-    (`max_abs_diff_compiled_kernel`)."""
+    against eager (`max_abs_diff_compiled`, `max_abs_diff_compiled_kernel_vs_eager`); the kernels inside the
+    compiled model against it without them (`max_abs_diff_compiled_kernel`)."""
     ids = job.inputs[0]
     eager = forward_logits(job.model, ids, job.cfg.forward.use_cache)
     eager_error = relative_error(eager, job.reference)
@@ -148,8 +148,9 @@ def _compiled_numerics(job: JobState, compiled: CompiledSides) -> dict[str, floa
         metrics[f"err_ratio_{name}"] = error_ratio(metrics[f"ref_err_{name}"], eager_error)
     metrics["max_abs_diff_compiled"] = float((outputs[COMPILED].double() - eager.double()).abs().max())
     if COMPILED_KERNEL in outputs:
-        difference = outputs[COMPILED_KERNEL].double() - outputs[COMPILED].double()
-        metrics["max_abs_diff_compiled_kernel"] = float(difference.abs().max())
+        compiled_kernel = outputs[COMPILED_KERNEL].double()
+        metrics["max_abs_diff_compiled_kernel"] = float((compiled_kernel - outputs[COMPILED].double()).abs().max())
+        metrics["max_abs_diff_compiled_kernel_vs_eager"] = float((compiled_kernel - eager.double()).abs().max())
     return metrics
 
 
