@@ -100,3 +100,17 @@ def test_compile_baseline_job_times_four_ways_with_graphs(make_config, models):
         assert metric in result.metrics, metric
     assert result.metrics["recompiles"] == 0
     assert "compiled although" in result.tags["compiled_kernel_note"]  # Liger's RMSNorm declares no compile support
+
+
+def test_train_peak_memory_per_side_does_not_depend_on_the_jobs_before(make_config, models):
+    def baseline_peak(kernels: str, length: int) -> float:
+        result = run_job(make_config("dtype=bf16", f"kernels={kernels}", "kernels.source=bundled", "timing=quick",
+                                     "workload=train", f"prompt.length={length}", "prompt.batch_size=4",
+                                     "numerics.per_layer=false"), models)
+        assert result.status == RunStatus.measured, result.reason
+        return result.metrics["peak_mem_mb_baseline"]
+
+    first = baseline_peak("rms", 256)
+    baseline_peak("rms", 2048)  # a larger job in between
+    again = baseline_peak("silu", 256)  # the same baseline step as the first job's
+    assert again == pytest.approx(first, rel=0.02), (first, again)

@@ -4,6 +4,7 @@ write; a smaller Llama than tiny-llama keeps backward passes fast."""
 from __future__ import annotations
 
 import copy
+import gc
 import csv
 import io
 import os
@@ -187,3 +188,23 @@ def test_a_model_that_overflows_at_its_dtype_is_skipped_in_every_workload(make_c
     assert "non-finite values, first at model.layers.0" in result.reason
     assert {k for k in result.metrics if not k.startswith("phase_s_")} == {"job_wall_s"}
     assert result.tags["forward_path"] == {"decode": "static_cache_step", "train": "training_step"}[workload]
+
+
+@pytest.mark.parametrize("workload", ["prefill", "decode", "train"])
+def test_a_job_leaves_no_tensor_in_cyclic_garbage(make_config, models, kernel_repos, workload):
+    # On a GPU such garbage holds device memory until Python's collector happens to run: the next job's memory
+    # figures (peak_mem_mb, train's peak_mem_mb_<side>) would count it.
+    gc.collect()
+    gc.disable()  # only the job's own collections run
+    try:
+        result = job(make_config, models, f"workload={workload}", "dtype=fp32",
+                     *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"))
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert result.status == RunStatus.measured, result.reason
+    assert left == []

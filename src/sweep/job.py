@@ -188,6 +188,8 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
         result.metrics = {k: v for k, v in result.metrics.items() if k.startswith(UNMEASURED_METRIC_PREFIXES)}
     if failure == FailureKind.out_of_memory:
         _release_memory(models)  # outside the except block: the traceback's frames hold the tensors until then
+    else:  # the job's reference cycles (autograd, closures) may hold device memory the next job would count
+        gc.collect()
     result.metrics["job_wall_s"] = time.perf_counter() - started
     result.ended_ms = int(time.time() * 1000)
     return result

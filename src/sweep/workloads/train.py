@@ -118,10 +118,8 @@ class Train:
         reference: TrainReference = job.reference
         if reference.grads is None:
             job.result.tags["reference_note"] = reference.note
-        else:
-            metrics["grad_err_baseline"] = _gradient_error(base_grads, reference.grads, job.device)
         if job.switch is None:
-            return metrics
+            return metrics | _gradient_metrics(None, base_grads, reference.grads, job.device)
         with job.switch.active():
             kernel_loss, kernel_grads = _measured_step(job, metrics, "kernel")
         check_kernel_finite(job, [kernel_loss, *kernel_grads], rerun, AFTER_FORWARD)
@@ -129,10 +127,7 @@ class Train:
             job.status("per-layer gradients")
             metrics |= _layer_table(job)
         metrics["loss_diff"] = abs(float(kernel_loss) - float(base_loss))
-        metrics["grad_max_rel_diff"] = max(_relative_diff(k, b, job.device) for k, b in zip(kernel_grads, base_grads))
-        if reference.grads is not None:
-            metrics["grad_err_kernel"] = _gradient_error(kernel_grads, reference.grads, job.device)
-            metrics["grad_err_ratio"] = error_ratio(metrics["grad_err_kernel"], metrics["grad_err_baseline"])
+        metrics |= _gradient_metrics(kernel_grads, base_grads, reference.grads, job.device)
         return metrics
 
     def timing_metrics(self, metrics: dict[str, float], cfg: Any) -> dict[str, float]:
@@ -152,7 +147,8 @@ def _layer_table(job: JobState) -> dict[str, float]:
 
 
 def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One step, its peak memory on CUDA (`peak_mem_mb_<side>` in `metrics`), its loss and gradients moved to the
+    """One step, the peak memory it needs on CUDA above what was allocated before it (`peak_mem_mb_<side>` in
+    `metrics`: activations, gradients, workspace; not the weights), its loss and gradients moved to the
     host so that the other side starts from the same memory."""
     with _peak_memory(job.device, job.result, metrics, side):
         loss, grads = training_step(job.model, job.inputs[0])
@@ -169,26 +165,44 @@ def _peak_memory(device: torch.device, result: JobResult, metrics: dict[str, flo
     so_far = torch.cuda.max_memory_allocated(device) / 2**20
     result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), so_far)
     torch.cuda.reset_peak_memory_stats(device)
+    held_before = torch.cuda.memory_allocated(device)  # the weights, and whatever else the process holds
     yield
     torch.cuda.synchronize(device)
-    metrics[f"peak_mem_mb_{side}"] = torch.cuda.max_memory_allocated(device) / 2**20
+    metrics[f"peak_mem_mb_{side}"] = (torch.cuda.max_memory_allocated(device) - held_before) / 2**20
 
 
-def _relative_diff(values: torch.Tensor, base: torch.Tensor, device: torch.device) -> float:
-    """‖values − base‖ / ‖base‖ in float64; 0 when both are zero, inf when only `base` is."""
-    base = base.to(device, torch.float64)
-    diff = float(torch.linalg.vector_norm(values.to(device, torch.float64) - base))
+def _gradient_metrics(kernel: list[torch.Tensor] | None, baseline: list[torch.Tensor],
+                      reference: list[torch.Tensor] | None, device: torch.device) -> dict[str, float]:
+    """In one pass over the parameters, each gradient moved to `device` once, in float64:
+    `grad_max_rel_diff` (the worst ‖g_kernel − g_base‖ / ‖g_base‖), and against the reference
+    `grad_err_<side>` = ‖g − g_ref‖ / ‖g_ref‖ over all parameters together, and `grad_err_ratio`."""
+    worst = 0.0
+    squared = {"baseline": 0.0, "kernel": 0.0, "reference": 0.0}
+    for index, base_grad in enumerate(baseline):
+        base = base_grad.to(device, torch.float64)
+        grads = {"baseline": base}
+        if kernel is not None:
+            grads["kernel"] = kernel[index].to(device, torch.float64)
+            worst = max(worst, _relative_diff(grads["kernel"], base))
+        if reference is not None:
+            ref = reference[index].to(device, torch.float64)
+            squared["reference"] += float(torch.linalg.vector_norm(ref) ** 2)
+            for side, grad in grads.items():
+                squared[side] += float(torch.linalg.vector_norm(grad - ref) ** 2)
+    metrics = {"grad_max_rel_diff": worst} if kernel is not None else {}
+    if reference is not None:
+        norm = math.sqrt(squared["reference"])
+        metrics["grad_err_baseline"] = math.sqrt(squared["baseline"]) / norm
+        if kernel is not None:
+            metrics["grad_err_kernel"] = math.sqrt(squared["kernel"]) / norm
+            metrics["grad_err_ratio"] = error_ratio(metrics["grad_err_kernel"], metrics["grad_err_baseline"])
+    return metrics
+
+
+def _relative_diff(values: torch.Tensor, base: torch.Tensor) -> float:
+    """‖values − base‖ / ‖base‖; 0 when both are zero, inf when only `base` is."""
+    diff = float(torch.linalg.vector_norm(values - base))
     norm = float(torch.linalg.vector_norm(base))
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
-
-
-def _gradient_error(grads: list[torch.Tensor], reference: list[torch.Tensor], device: torch.device) -> float:
-    """Relative L2 error of all gradients together: ‖g − ref‖ / ‖ref‖ over every parameter."""
-    squared_error = squared_norm = 0.0
-    for grad, ref in zip(grads, reference):
-        ref = ref.to(device, torch.float64)
-        squared_error += float(torch.linalg.vector_norm(grad.to(device, torch.float64) - ref) ** 2)
-        squared_norm += float(torch.linalg.vector_norm(ref) ** 2)
-    return math.sqrt(squared_error) / math.sqrt(squared_norm)
