@@ -123,7 +123,8 @@ class SweepSession:
         detail = f"{speed:.3f}x" if speed is not None else result.reason
         colour = {"measured": "green", "skipped": "yellow", "failed": "red"}[result.status.value]
         self.console.print(
-            f"{self.job_label(result.name, len(self.results))} [{colour}]{result.status.value}[/] {detail} "
+            f"{self.job_label(result.name, _multirun_job_number() or len(self.results))} "
+            f"[{colour}]{result.status.value}[/] {detail} "
             f"({result.metrics.get('job_wall_s', 0):.1f} s)"
         )
 
