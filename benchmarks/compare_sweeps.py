@@ -39,6 +39,31 @@ def overlaps(children: list[Run]) -> list[str]:
     return found
 
 
+def workers(parent: Run, children: list[Run]) -> list[str]:
+    """Each worker process: its GPUs, how many jobs it ran, when its first run started after the sweep's."""
+    by_pid: dict[str, list[Run]] = defaultdict(list)
+    for run in children:
+        by_pid[run.data.tags.get("worker_pid", "?")].append(run)
+    lines = []
+    for pid, runs in sorted(by_pid.items(), key=lambda item: min(r.info.start_time for r in item[1])):
+        first = (min(r.info.start_time for r in runs) - parent.info.start_time) / 1000
+        gpus = ", ".join(sorted({r.data.tags.get("gpu_index", "-") for r in runs}))
+        lines.append(f"pid {pid} (GPU {gpus}: {len(runs)} jobs, first from {first:.1f} s)")
+    return lines
+
+
+def gpu_busy(parent: Run, children: list[Run]) -> list[str]:
+    """Per GPU: its runs' time against the sweep's wall time (the rest: start-up, waits, the end-of-sweep tables)."""
+    wall = (parent.info.end_time - parent.info.start_time) / 1000 if parent.info.end_time else float("nan")
+    by_gpu: dict[str, list[Run]] = defaultdict(list)
+    for run in children:
+        by_gpu[run.data.tags.get("gpu_index", "-")].append(run)
+    in_runs = {gpu: sum((r.info.end_time or r.info.start_time) - r.info.start_time for r in runs) / 1000
+               for gpu, runs in by_gpu.items()}
+    return [f"GPU {gpu}: {len(by_gpu[gpu])} runs, {seconds:.1f} s in runs of the sweep's {wall:.1f} s"
+            for gpu, seconds in sorted(in_runs.items())]
+
+
 def key(run: Run) -> tuple[str, str, int]:
     p = run.data.params
     return p["dtype"], p["kernels"], int(p["prompt_len"])
@@ -73,7 +98,8 @@ def describe(name: str, parent: Run, children: list[Run]) -> list[str]:
         f"- jobs: {dict(statuses)}",
         f"- GPUs used (`gpu_index`): {sorted({t.get('gpu_index', '-') for t in tags})}, "
         f"devices {sorted({t.get('gpu_uuid', '-') for t in tags})}",
-        f"- worker processes: {len({t.get('worker_pid') for t in tags})}",
+        f"- worker processes: {len({t.get('worker_pid') for t in tags})}: {'; '.join(workers(parent, children))}",
+        f"- GPU time: {'; '.join(gpu_busy(parent, children))}",
         f"- `gpu_contended`: {dict(contended)}",
         f"- runs overlapping on one GPU: {overlaps(children) or 'none'}",
         "",

@@ -116,28 +116,36 @@ PY
 }
 
 scale() {  # issue 12, on a machine with 2 or more GPUs: the 36-job grid with the parallel launcher (one worker per
-    # GPU), the same grid serially on one GPU, then their comparison. SCALE_STEP=parallel|serial|compare runs one
-    # step (each fits a 10-minute call; the stores stay in runs/scale-out/ on a warm machine), default all three.
+    # GPU for the whole sweep), the same grid serially on one GPU, their comparison (wall times, workers and their
+    # pids, GPU time, overlaps, contention, speedups side by side), then the two-GPU tests. ~5 min on 2 H100s.
+    # SCALE_STEP="parallel serial compare tests" (the default) or any of them; the stores stay in runs/scale-out/.
     mkdir -p runs/scale-out
     local grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192 $SCALE_OVERRIDES)
-    local step start
-    for step in ${SCALE_STEP:-parallel serial compare}; do
-        start=$(date +%s)
+    local step start code
+    for step in ${SCALE_STEP:-parallel serial compare tests}; do
+        start=$(date +%s%N)
         case $step in
           parallel)
             nvidia-smi -L
             python3 -m sweep -m "${grid[@]}" hydra/launcher=parallel \
                 tracking.uri=sqlite:///runs/scale-out/parallel.db > runs/scale-out/parallel.log 2>&1
-            echo "parallel sweep: exit $?, $(( $(date +%s) - start )) s from process start"
+            code=$?
+            echo "parallel sweep: exit $code, $(( ($(date +%s%N) - start) / 1000000 )) ms from process start" \
+                | tee runs/scale-out/wall-parallel.txt
             tail -45 runs/scale-out/parallel.log ;;
           serial)
             CUDA_VISIBLE_DEVICES=0 python3 -m sweep -m "${grid[@]}" tracking.uri=sqlite:///runs/scale-out/serial.db \
                 > runs/scale-out/serial.log 2>&1
-            echo "serial sweep: exit $?, $(( $(date +%s) - start )) s from process start"
+            code=$?
+            echo "serial sweep: exit $code, $(( ($(date +%s%N) - start) / 1000000 )) ms from process start" \
+                | tee runs/scale-out/wall-serial.txt
             tail -45 runs/scale-out/serial.log ;;
           compare)
             python3 benchmarks/compare_sweeps.py sqlite:///runs/scale-out/serial.db \
-                sqlite:///runs/scale-out/parallel.db --out runs/scale-out/compare.md ;;
+                sqlite:///runs/scale-out/parallel.db --out runs/scale-out/compare.md
+            cat runs/scale-out/wall-*.txt 2>/dev/null | tee -a runs/scale-out/compare.md ;;
+          tests)
+            python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_scale.py 2>&1 | tail -30 ;;
         esac
     done
     cp runs/scale-out/*.db runs/scale-out/*.log runs/scale-out/*.md "$OUT"/ 2>/dev/null

@@ -26,6 +26,7 @@ from .session import (
     session_was_opened,
 )
 from .validation import override_problems
+from .workers import keep_this_worker
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -38,6 +39,7 @@ warnings.filterwarnings("ignore", category=UserWarning, message="register_new_re
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def sweep_job(cfg: DictConfig) -> None:
     """One job, in whichever process the launcher runs it: lease a GPU, skip it if already measured, measure."""
+    keep_this_worker()
     session = current_session(cfg)
     swept = session.swept_overrides()
     if session.context_lost_after is not None:  # policy: a sticky CUDA error ends every later job of the process

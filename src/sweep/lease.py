@@ -43,22 +43,23 @@ def worker_count(devices: int | None) -> int:
     return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
-_last_index: int | None = None  # a worker process goes back to its GPU, where its cached models live
+# This process's home device and the handle of its home lock, held until the process ends (see `_own_devices`).
+_home: tuple[Device, int] | None = None
 
 
 @contextmanager
 def gpu_lease(cfg: LeaseConfig, waiting: Callable[[str], None]) -> Iterator[Device | None]:
-    """Holds one device exclusively until the block ends; waits while every device is leased. None when there
-    is nothing to lease (a CPU machine with `lease.devices` unset). The operating system drops the lock when
-    the process ends in any way, `kill -9` included."""
-    global _last_index
+    """Holds one device exclusively until the block ends; waits while every device this process may use (its
+    home device once it has one, see `_own_devices`) is leased. None when there is nothing to lease (a CPU
+    machine with `lease.devices` unset). The operating system drops the lock when the process ends in any way,
+    `kill -9` included."""
     devices = leasable_devices(cfg)
     if not devices:
         yield None
         return
     lock_dir = Path(cfg.lock_dir).expanduser()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    devices.sort(key=lambda d: d.index != _last_index)
+    devices = _own_devices(lock_dir, devices)
     said = False
     while True:
         for device in devices:
@@ -67,18 +68,36 @@ def gpu_lease(cfg: LeaseConfig, waiting: Callable[[str], None]) -> Iterator[Devi
                 break
         else:
             if not said:
-                waiting(f"all {len(devices)} devices leased ({_holders(lock_dir, devices)}), waiting")
+                what = f"all {len(devices)} devices" if len(devices) > 1 else f"device {devices[0].index}"
+                waiting(f"{what} leased ({_holders(lock_dir, devices)}), waiting")
                 said = True
             time.sleep(cfg.poll_s)
             continue
         break
-    _last_index = device.index
     try:
         if torch.cuda.is_available():
             torch.cuda.set_device(device.index)
         yield device
     finally:
         os.close(handle)
+
+
+def _own_devices(lock_dir: Path, devices: list[Device]) -> list[Device]:
+    """The devices this process may lease: only its home device once it has one. A process claims as its home
+    the first device that no other live process has claimed (`<uuid>.home`, locked until the process ends). With
+    as many workers as devices, each worker thus keeps one GPU for its life: one CUDA context, its model cache on
+    that device, and no context of its own left on another worker's GPU, which the other's contention check
+    would count. A process beyond one per device has no home and leases whichever device is free."""
+    global _home
+    if _home is None:
+        for device in devices:
+            handle = _try_lock(lock_dir / f"{device.uuid}.home")
+            if handle is not None:
+                _home = device, handle
+                break
+    if _home is not None and _home[0] in devices:
+        return [_home[0]]
+    return devices
 
 
 def _try_lock(path: Path) -> int | None:

@@ -25,7 +25,6 @@ from .redaction import redact_uri
 from .results import JobResult, RunStatus
 from .spool import Spool, SpoolError
 from .summary import sweep_tables
-from .sweep_page import Links, report_files, sweep_page
 from .sync import Delivery
 from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
 from .validation import validate_jobs
@@ -123,7 +122,8 @@ class SweepSession:
         detail = f"{speed:.3f}x" if speed is not None else result.reason
         colour = {"measured": "green", "skipped": "yellow", "failed": "red"}[result.status.value]
         self.console.print(
-            f"{self.job_label(result.name, len(self.results))} [{colour}]{result.status.value}[/] {detail} "
+            f"{self.job_label(result.name, _multirun_job_number() or len(self.results))} "
+            f"[{colour}]{result.status.value}[/] {detail} "
             f"({result.metrics.get('job_wall_s', 0):.1f} s)"
         )
 
@@ -139,6 +139,9 @@ class SweepSession:
         self.delivery.flush()
         jobs, resumed = self._stored_jobs()
         if jobs and not self.delivery.store_down:
+            # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
+            from .sweep_page import Links, report_files, sweep_page
+
             page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
                               Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
                               report_files(self.tracker.uri, self.experiment, self.sweep_id))
