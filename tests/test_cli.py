@@ -98,7 +98,7 @@ def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(t
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.target_ci=narrow", "target_ci"),
+    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.budget_s=narrow", "budget_s"),
      ("kernels.RMSNorm.pathh=/x", "pathh"), ("kernels.source=bundle", "kernels.source='bundle'"),
      ("-m kernels.source=auto,bundle", "kernels.source='bundle'")],
 )

@@ -264,8 +264,8 @@ def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_
     small = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
              "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
              "model.architecture.num_key_value_heads=4", "prompt.length=8", "numerics.gen_tokens=0",
-             "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.min_rounds=20",
-             "timing.max_rounds=60", "timing.target_ci=0.002", "timing.budget_s=15"]
+             "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.blocks=10",
+             "timing.budget_s=2"]
     result = run_job(make_config("dtype=fp32", "kernels=none", *small,
                                  *local_kernel("RMSNorm", same, "SameRMSNorm")), ModelCache())
     assert result.status == RunStatus.measured, result.reason

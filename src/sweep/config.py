@@ -23,6 +23,13 @@ class TimingMode(str, Enum):
     both = "both"  # graph is the headline number; eager is logged beside it
 
 
+class GraphPlacementMode(str, Enum):
+    """Where each block's CUDA graphs land in device memory."""
+
+    paired = "paired"  # both sides captured into one memory pool after one random offset: placement cancels in the ratio
+    shifted = "shifted"  # each side's capture in a memory pool of its own, after an offset of its own
+
+
 class KernelSourceMode(str, Enum):
     auto = "auto"  # the Hub when reachable or cached, else the bundled copy
     hub = "hub"
@@ -73,11 +80,11 @@ class PromptConfig:
 @dataclass
 class TimingConfig:
     mode: TimingMode = TimingMode.auto
-    target_ci: float = 0.0015  # stop once the 95% interval of the speedup is within +-0.15%
-    budget_s: float = 1.0  # per job: seconds of timed work (both sides), re-captures and checks not counted
-    min_rounds: int = 50  # with 5 rounds a block: 10 blocks before the interval may stop the rounds
-    max_rounds: int = 1000
-    block_rounds: int = 5  # rounds per capture; the interval is computed over blocks
+    # Per job: seconds of timed work (both sides), spread evenly over the blocks; re-captures, checks and the
+    # untimed lead-in of each measurement are not counted. At least one round per block whatever the budget.
+    budget_s: float = 0.5
+    blocks: int = 10  # fresh captures per side; the interval is Student's t over the blocks' means
+    placement: GraphPlacementMode = GraphPlacementMode.paired
     warmup: int = 3
     min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
     input_sets: int = 3  # rotated among so that caches do not flatter either side

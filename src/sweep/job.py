@@ -7,6 +7,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import (
     DeviceChoice,
+    GraphPlacementMode,
     KernelsSelection,
     SweepConfig,
     TimingMode,
@@ -53,7 +55,7 @@ from .numerics import (
 from .prompts import prompt_inputs
 from .redaction import redact_text
 from .results import JobResult, RunStatus
-from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
+from .timing import EagerRunner, GraphPlacement, GraphRunner, RoundsResult, Runner, timed_rounds
 
 StatusHook = Callable[[str], None]
 
@@ -355,14 +357,19 @@ def _numerics(
     return metrics
 
 
-def _runners(mode: TimingMode, model, switch, inputs, use_cache) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, model, switch, inputs, cfg) -> tuple[Runner, Runner | None]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
-    before capture (graph): switching forwards is never inside a timed forward."""
-    make = GraphRunner if mode == TimingMode.graph else EagerRunner
+    before capture (graph): switching forwards is never inside a timed forward. With `timing.placement=paired` the
+    two graph sides of a block share its memory pool and offset."""
+    use_cache = cfg.forward.use_cache
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, input_ids, use_cache)
 
+    make: Callable[..., Runner] = EagerRunner
+    if mode == TimingMode.graph:
+        paired = switch is not None and GraphPlacementMode(cfg.timing.placement) == GraphPlacementMode.paired
+        make = partial(GraphRunner, placement=GraphPlacement(sides=2) if paired else None)
     if switch is None:
         return make(forward, inputs), None
     return make(forward, inputs, lambda: switch.select(False)), make(forward, inputs, lambda: switch.select(True))
@@ -385,7 +392,7 @@ def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, st
         status(f"timing ({mode.value})")
         try:
             with phases("capture" if mode == TimingMode.graph else "timing"):
-                baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache)
+                baseline, kernel = _runners(mode, model, switch, inputs, cfg)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
                 raise
@@ -415,9 +422,10 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     metrics = result.metrics
     metrics["latency_ms_baseline"] = median(primary.baseline_ms)
     metrics["timing_rounds"] = primary.rounds
+    metrics["timing_blocks"] = len(set(primary.blocks))
+    metrics["timing_reps"] = primary.reps
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
-    result.tags["timing_stopped_by"] = primary.stopped_by
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():
