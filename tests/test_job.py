@@ -14,8 +14,10 @@ from kernel_repos import write_kernel_repo
 from sweep.config import KernelSourceMode, KernelSpec, TimingMode
 from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
+from sweep.forensics import greedy_tokens
 from sweep.models import ModelCache
 from sweep.numerics import forward_logits
+from sweep.prompts import prompt_inputs
 from sweep.results import RunStatus
 
 
@@ -148,6 +150,24 @@ def test_reference_cache_is_keyed_on_the_reference_dtype_and_the_forward(make_co
     assert sorted((k.reference_dtype, k.forward_path) for k in keys) == [
         ("torch.float32", "default"), ("torch.float64", "default"), ("torch.float64", "use_cache=False")]
     assert {(k.prompt_length, k.batch_size) for k in keys} == {(40, 1)}
+
+
+def test_the_baseline_generates_once_per_model_and_prompt_for_every_kernel_subset(make_config, kernel_repos):
+    """The baseline's greedy tokens do not depend on the kernels: the second job takes them from the cache, and its
+    generation metrics are those of a fresh baseline generation."""
+    models = ModelCache()
+    results = [run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, *local_kernel("RMSNorm", repo, name)),
+                       models)
+               for repo, name in ((kernel_repos["exact_rms"], "ExactRMSNorm"), (kernel_repos["low_rms"], "LowRMSNorm"))]
+    assert all(r.status == RunStatus.measured for r in results), [r.reason for r in results]
+    [key] = models.generation_keys
+    assert (key.prompt_length, key.new_tokens) == (40, 8)
+    cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT)
+    model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
+    ids = prompt_inputs(models.get(cfg.model, torch.float32, torch.device("cpu")).tokenizer, cfg.prompt, 1,
+                        torch.device("cpu"))[0]
+    assert torch.equal(models.baseline_tokens(key, lambda: None), greedy_tokens(model, ids, 8))
+    assert results[0].metrics["gen_match"] == 1.0  # an exact kernel generates what the baseline does
 
 
 @pytest.mark.parametrize(("repo", "layer"), [("nan_rms", "NanRMSNorm"), ("inf_rms", "InfRMSNorm")])

@@ -157,9 +157,11 @@ def greedy_tokens(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: i
 
 
 def generation_metrics(
-    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, new_tokens: int
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, new_tokens: int,
+    baseline_tokens: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    baseline = greedy_tokens(model, input_ids, new_tokens)
+    """`baseline_tokens`: where to get the baseline's greedy tokens (e.g. a cache), if not by generating them."""
+    baseline = baseline_tokens() if baseline_tokens else greedy_tokens(model, input_ids, new_tokens)
     with switch.active():
         kernel = greedy_tokens(model, input_ids, new_tokens)
     return generation_agreement(baseline, kernel)

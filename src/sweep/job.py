@@ -30,6 +30,7 @@ from .forensics import (
     distribution_metrics,
     first_nonfinite_module,
     generation_metrics,
+    greedy_tokens,
     layer_metrics,
     layers_csv,
     layers_png,
@@ -42,7 +43,7 @@ from .kernelization import (
     resolve_kernel,
 )
 from .lease import contention_tags
-from .models import ModelCache, ReferenceKey, torch_dtype
+from .models import GenerationKey, ModelCache, ReferenceKey, torch_dtype
 from .numerics import (
     compare_outputs,
     forward_logits,
@@ -287,7 +288,11 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             _check_baseline_finite(model, baseline, inputs[0], cfg, plan)
             result.metrics["ref_err_baseline"] = relative_error(baseline, reference)
         else:
-            result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status)
+            baseline_tokens = partial(models.baseline_tokens, GenerationKey(
+                cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size, gen_tokens),
+                lambda: greedy_tokens(model, inputs[0], gen_tokens))
+            result.metrics |= _numerics(model, switch, inputs[0], reference, cfg, plan, gen_tokens, result, status,
+                                        baseline_tokens)
 
         status("checking every input set's outputs")
         for ids in inputs[1:]:
@@ -332,9 +337,10 @@ def _check_kernel_finite(model, switch: KernelSwitch, logits: torch.Tensor, inpu
 
 def _numerics(
     model, switch: KernelSwitch, input_ids, reference, cfg, plan: JobPlan, gen_tokens: int, result: JobResult,
-    status: StatusHook,
+    status: StatusHook, baseline_tokens: Callable[[], torch.Tensor],
 ) -> dict[str, float]:
-    """The numerics metrics, returned only once all of them are computed."""
+    """The numerics metrics, returned only once all of them are computed. `baseline_tokens`: the baseline's greedy
+    tokens, generated once per model and prompt (the same for every kernel subset)."""
     metrics: dict[str, float] = {}
     use_cache = cfg.forward.use_cache
     if cfg.numerics.per_layer:
@@ -353,22 +359,22 @@ def _numerics(
     metrics["gen_tokens"] = gen_tokens
     if gen_tokens > 0:
         status(f"generating {gen_tokens} tokens")
-        metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
+        metrics |= generation_metrics(model, switch, input_ids, gen_tokens, baseline_tokens)
     return metrics
 
 
-def _runners(mode: TimingMode, model, switch, inputs, cfg) -> tuple[Runner, Runner | None]:
+def _runners(mode: TimingMode, model, switch, inputs, use_cache,
+             placement: GraphPlacementMode = GraphPlacementMode.paired) -> tuple[Runner, Runner | None]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
     before capture (graph): switching forwards is never inside a timed forward. With `timing.placement=paired` the
     two graph sides of a block share its memory pool and offset."""
-    use_cache = cfg.forward.use_cache
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, input_ids, use_cache)
 
     make: Callable[..., Runner] = EagerRunner
     if mode == TimingMode.graph:
-        paired = switch is not None and GraphPlacementMode(cfg.timing.placement) == GraphPlacementMode.paired
+        paired = switch is not None and GraphPlacementMode(placement) == GraphPlacementMode.paired
         make = partial(GraphRunner, placement=GraphPlacement(sides=2) if paired else None)
     if switch is None:
         return make(forward, inputs), None
@@ -392,7 +398,8 @@ def _time_modes(model, switch, inputs, cfg, plan: JobPlan, result: JobResult, st
         status(f"timing ({mode.value})")
         try:
             with phases("capture" if mode == TimingMode.graph else "timing"):
-                baseline, kernel = _runners(mode, model, switch, inputs, cfg)
+                baseline, kernel = _runners(mode, model, switch, inputs, cfg.forward.use_cache,
+                                            cfg.timing.placement)
         except Exception as error:  # capture can fail for kernels that sync or allocate on the host
             if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
                 raise
