@@ -201,7 +201,9 @@ def layers_png(records: list[LayerRecord], title: str) -> bytes:
     propagated.set_xticklabels([r.name.removeprefix("model.") for r in records], rotation=60, fontsize=6,
                                ha="right")
     fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins that fit the rotated module names: tight_layout measured every label and took 40% of the plot's
+    # time, which every job pays.
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.92, bottom=0.25, hspace=0.08)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
