@@ -12,9 +12,9 @@ from conftest import SHORT_PROMPT, local_kernel
 from kernel_repos import write_kernel_repo
 
 from sweep.config import KernelSourceMode, KernelSpec, TimingMode
+from sweep.forensics import greedy_tokens
 from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.forensics import greedy_tokens
 from sweep.models import ModelCache
 from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs

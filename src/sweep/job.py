@@ -7,8 +7,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -56,7 +56,14 @@ from .numerics import (
 from .prompts import prompt_inputs
 from .redaction import redact_text
 from .results import JobResult, RunStatus
-from .timing import EagerRunner, GraphPlacement, GraphRunner, RoundsResult, Runner, timed_rounds
+from .timing import (
+    EagerRunner,
+    GraphPlacement,
+    GraphRunner,
+    RoundsResult,
+    Runner,
+    timed_rounds,
+)
 
 StatusHook = Callable[[str], None]
 
