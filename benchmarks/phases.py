@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-STARTUP = ("imports", "config", "store", "cuda", "first_job", "table")
+STARTUP = ("imports", "config", "store", "cuda", "triton", "first_job", "table")
 PHASES = ("load", "reference", "kernelize", "numerics", "capture", "timing")
 
 

@@ -1,5 +1,5 @@
 """A sweep's start-up: seconds from process start to each milestone, logged on the parent run as `startup_s_*`,
-and the CUDA start-up run in the background while the store opens."""
+and the CUDA and Triton start-up run in the background while the store opens."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ _FIRST_IMPORT = time.monotonic()  # where /proc cannot say when the process star
 _milestones: dict[str, float] = {}  # name -> seconds since process start
 _durations: dict[str, float] = {}  # name -> seconds it took
 _device_thread: threading.Thread | None = None
+_cuda_started = threading.Event()
 
 
 def since_process_start() -> float:
@@ -43,22 +44,22 @@ def startup_metrics() -> dict[str, float]:
 
 
 def start_cuda_in_background() -> None:
-    """Starts CUDA (driver, context, cuBLAS) in a thread, so that it overlaps the work that does not need it
-    (composing the jobs' configurations, opening the store). Only where exactly one CUDA device is visible: it is
-    then the one every job leases; with several, a context on a device another process leases would show this
-    process on it (`gpu_contended`). Jobs that use CUDA first wait for it (`wait_for_cuda`)."""
+    """Starts CUDA (driver, context, cuBLAS), then Triton's CUDA driver, in a thread, so that they overlap the work
+    that does not need them (composing the jobs' configurations, opening the store). Only where exactly one CUDA
+    device is visible: it is then the one every job leases; with several, a context on a device another process
+    leases would show this process on it (`gpu_contended`). The first job waits for CUDA (`wait_for_cuda`)."""
     global _device_thread
     if _device_thread is None:
-        _device_thread = threading.Thread(target=_start_cuda, name="sweep-cuda-startup", daemon=True)
+        _device_thread = threading.Thread(target=_start_device, name="sweep-device-startup", daemon=True)
         _device_thread.start()
 
 
 def wait_for_cuda() -> None:
     if _device_thread is not None:
-        _device_thread.join()
+        _cuda_started.wait()
 
 
-def _start_cuda() -> None:
+def _start_device() -> None:
     started = time.perf_counter()
     try:
         if torch.cuda.device_count() != 1:
@@ -67,4 +68,14 @@ def _start_cuda() -> None:
         (probe @ probe).sum().item()  # loads cuBLAS and creates its handle, which the jobs' thread then reuses
     except RuntimeError:
         return  # a device that cannot start: the first job reports it
+    finally:
+        _cuda_started.set()
     record_duration("cuda", time.perf_counter() - started)
+    started = time.perf_counter()
+    try:
+        import triton
+
+        triton.runtime.driver.active.utils  # noqa: B018  builds Triton's CUDA helpers (a C compiler's work on a cold cache)
+    except Exception:  # noqa: BLE001  no Triton, or one that cannot start: the first Triton kernel says why
+        return
+    record_duration("triton", time.perf_counter() - started)
