@@ -88,9 +88,9 @@ class GraphPlacement:
     runners of a block: the first of them to capture in a block gets a new pool at a new offset, the others join it.
     With `sides=1` each capture is placed on its own."""
 
-    def __init__(self, sides: int, rng: random.Random | None = None):
+    def __init__(self, sides: int):
         self._sides = sides
-        self._rng = rng or random.Random()
+        self._rng = random.Random()
         self._captures = 0
         self._offset: torch.Tensor | None = None
         self._pool: object = None
