@@ -35,7 +35,7 @@ from .lease import contention_tags
 from .models import ModelCache, ReferenceKey, torch_dtype
 from .redaction import redact_text
 from .results import JobResult, RunStatus
-from .timing import EagerRunner, GraphRunner, RoundsResult, Runner, timed_rounds
+from .timing import EagerRunner, GraphPlacement, GraphRunner, RoundsResult, Runner, timed_rounds
 from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
 
 StatusHook = Callable[[str], None]
@@ -261,7 +261,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status, models)
     with work.running(model):
         with phases("numerics"):
             sides = work.sides(job)
@@ -289,10 +289,14 @@ def _check_other_input_sets(job: JobState, sides: Sides) -> None:
 
 def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> tuple[Runner, Runner | None]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
-    before capture (graph): switching forwards is never inside a timed forward."""
-    make = GraphRunner if mode == TimingMode.graph else EagerRunner
+    before capture (graph): switching forwards is never inside a timed forward. The two graph sides of a block
+    share its memory pool and its random offset, so that where the block's buffers land cancels in the ratio."""
     if switch is None or sides.kernel is None:
+        make: Callable[..., Runner] = GraphRunner if mode == TimingMode.graph else EagerRunner
         return make(sides.baseline, inputs), None
+    make = EagerRunner
+    if mode == TimingMode.graph:
+        make = partial(GraphRunner, placement=GraphPlacement(sides=2))
     return (make(sides.baseline, inputs, lambda: switch.select(False)),
             make(sides.kernel, inputs, lambda: switch.select(True)))
 
@@ -345,9 +349,10 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     metrics = result.metrics
     metrics["latency_ms_baseline"] = median(primary.baseline_ms)
     metrics["timing_rounds"] = primary.rounds
+    metrics["timing_blocks"] = len(set(primary.blocks))
+    metrics["timing_reps"] = primary.reps
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
-    result.tags["timing_stopped_by"] = primary.stopped_by
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():
