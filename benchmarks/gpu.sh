@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu.sh [section ...]
 #   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
 #   compile compile8b (baseline=compile, issue 15);
-#   scale (2+ GPUs)
+#   scale (2+ GPUs); timing (issue 10 in one call: mission, then coverage)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -23,23 +23,31 @@ install() {  # the README's install command, as far as a machine without a netwo
 
 tests() { python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tail -4; }
 
-mission() {  # the original report's table; wall time from process start to the summary table, bytecode compiled
+mission() {  # the original report's table. Wall time from process start to the summary table (the parent run's
+    # startup_s_table) and to the process's end, bytecode compiled: first on this machine, then with a cold Triton
+    # cache; then where the time went (start-up on the parent run, each job's phases) and the slowest imports.
     python3 -m compileall -q -j 16 /tmp/site src
+    local run start
     for run in first-on-this-machine cold-triton-cache; do
         rm -rf ~/.triton/cache
-        local start=$(date +%s%N)
-        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both resume=false tracking.uri=$store \
-            > $OUT/mission-$run.log 2>&1
-        echo "mission sweep wall ($run): $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to summary table)"
+        start=$(date +%s%N)
+        python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both resume=false \
+            tracking.uri=sqlite:///$OUT/mission.db > $OUT/mission-$run.log 2>&1
+        echo "mission sweep ($run): exit $?, $(( ($(date +%s%N) - start) / 1000000 )) ms from process start to its end"
     done
-    grep -A12 "^ *sweep " $OUT/mission-cold-triton-cache.log | head -14
+    sed -n '/┏/,/ measured, /p' $OUT/mission-cold-triton-cache.log | head -24
+    python3 benchmarks/phases.py sqlite:///$OUT/mission.db
+    python3 -X importtime -c "import sweep.__main__" 2> $OUT/importtime.txt
+    python3 benchmarks/phases.py --importtime $OUT/importtime.txt
 }
 
 coverage() {  # the same combination as 20 jobs: do the intervals hold from one job to the next?
     python3 -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 \
         numerics.per_layer=false tracking.uri=sqlite:///$OUT/coverage.db > $OUT/coverage.log 2>&1
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db
+    echo "coverage sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/coverage.log)"
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db --label sweep | tail -3
 }
+timing() { mission; coverage; }  # issue 10's evidence in one call (one GPU)
 
 accuracy() {
     python3 -m sweep -m dtype=bf16,fp16,fp32 kernels=rms,silu prompt.length=118,8192 tracking.uri=$store \
@@ -53,7 +61,7 @@ llama8b() {
     grep -B2 -A6 "baseline ms" $OUT/llama8b.log | head -9
 }
 
-precision() { python3 benchmarks/timing_precision.py --lengths 118 8192 --repeats 10 2>&1 | tail -9; }
+precision() { python3 benchmarks/timing_precision.py --lengths 118 8192 --repeats 10 2>&1 | tail -8; }
 
 survive() {  # issue 11: the 8B shape out of memory between two batch sizes that fit (one model: the cache is
     # dropped and reloaded), then GPU test kernels that allocate 1 TiB for real (in capture, in eager timing), raise

@@ -2,17 +2,20 @@
 (CUDA only.)
 
 On the tiny model with the bundled Liger RMSNorm, in one process, repeats three methods `--repeats` times and
-prints, per method: the spread (max - min) of the first 5 speedups, the coverage (how many of the repeats'
-intervals contain the median of all repeats) and the seconds of timing each spent:
+prints, per method: the speedups summarised (median, min and max), the coverage (how many of the repeats'
+intervals contain the median of all repeats), the spread (max - min) of the first 5 speedups and the seconds of
+timing each spent:
   1. one eager forward per side, unpaired (how the original report was made; no interval);
   2. 100 eager forwards per side, unpaired, with a Welch t interval on the log times (how `kernels benchmark`
      does it);
-  3. this harness: paired rounds of CUDA-graph replays in blocks of fresh captures, adaptive (sweep.timing).
+  3. this harness: paired rounds of CUDA-graph replays in a fixed number of blocks of fresh captures
+     (sweep.timing, default settings).
 
     python benchmarks/timing_precision.py --lengths 118 8192 --repeats 20
 
-With `--store URI` it reads a sweep's job runs instead and prints the same columns for them, per prompt length,
-e.g. after `python -m sweep -m seed='range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0`.
+With `--store URI` it reads a sweep's job runs instead and prints the same columns for them, per prompt length
+(`timing_s` as the seconds), e.g. after
+`python -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 numerics.per_layer=false`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from sweep.kernelization import KernelSwitch, resolve_kernel
 from sweep.models import load_model, torch_dtype
 from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs
-from sweep.timing import GraphRunner, timed_rounds
+from sweep.timing import GraphPlacement, GraphRunner, timed_rounds
 
 Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
 
@@ -63,27 +66,30 @@ def hundred_forwards(base: Side, kern: Side) -> Estimate:
     return float(np.exp(base_log.mean() - kern_log.mean())), float(np.exp(interval.low)), float(np.exp(interval.high))
 
 
-def summary_row(estimates: list[Estimate], timing_s: list[float]) -> tuple[float, float, str, float]:
-    """Mean speedup, spread of the first 5 (% of the mean), intervals containing the median, mean seconds."""
+def summary_row(estimates: list[Estimate], timing_s: list[float]) -> str:
+    """The table's columns after T and method: the speedups summarised (median [min, max], their range in % of the
+    median), the intervals containing the median, the spread of the first 5 (% of their mean), mean seconds."""
     speedups = [e[0] for e in estimates]
+    median = statistics.median(speedups)
     first = speedups[:5]
     spread = (max(first) - min(first)) / statistics.mean(first) * 100
-    median = statistics.median(speedups)
+    scatter = (max(speedups) - min(speedups)) / median * 100
     intervals = [(low, high) for _, low, high in estimates if low is not None and high is not None]
     covered = f"{sum(low <= median <= high for low, high in intervals)}/{len(intervals)}" if intervals else "-"
-    return statistics.mean(speedups), spread, covered, statistics.mean(timing_s)
+    return (f"{len(speedups)} | {median:.4f}x [{min(speedups):.4f}, {max(speedups):.4f}] ({scatter:.2f}%) | "
+            f"{covered} | {spread:.2f}% | {statistics.mean(timing_s):.2f}")
 
 
-def print_table(rows: list[tuple], repeats: int) -> None:
-    print(f"\n| T | method | mean speedup | spread of first 5 | intervals containing the median of {repeats} "
-          "| mean timing seconds |")
-    print("|---|---|---|---|---|---|")
-    for length, method, (mean, spread, covered, seconds) in rows:
-        print(f"| {length} | {method} | {mean:.4f}x | {spread:.2f}% | {covered} | {seconds:.2f} |")
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    print("\n| T | method | jobs | speedups: median [min, max] (range) | intervals containing the median "
+          "| spread of first 5 | mean timing seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for length, method, columns in rows:
+        print(f"| {length} | {method} | {columns} |")
 
 
-def from_store(uri: str) -> None:
-    """The same columns for a sweep's measured job runs, one row per prompt length."""
+def from_store(uri: str, label: str) -> None:
+    """The same columns for a sweep's measured job runs, one row per prompt length; `label` names the method."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("kernel-sweep")
     runs = client.search_runs([experiment.experiment_id],
@@ -95,8 +101,8 @@ def from_store(uri: str) -> None:
     rows = []
     for length, metrics in sorted(by_length.items(), key=lambda item: int(item[0])):
         estimates = [(m["speedup"], m["speedup_ci_low"], m["speedup_ci_high"]) for m in metrics]
-        rows.append((length, f"sweep jobs ({len(metrics)})", summary_row(estimates, [m["timing_s"] for m in metrics])))
-    print_table(rows, max(len(m) for m in by_length.values()))
+        rows.append((length, label, summary_row(estimates, [m["timing_s"] for m in metrics])))
+    print_table(rows)
 
 
 def main() -> None:
@@ -105,9 +111,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--store", help="summarise a sweep's job runs in this MLflow store instead")
+    parser.add_argument("--label", default="sweep jobs", help="the method's name in the table (with --store)")
     args = parser.parse_args()
     if args.store:
-        from_store(args.store)
+        from_store(args.store, args.label)
         return
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -132,8 +139,9 @@ def main() -> None:
 
         def harness() -> Estimate:
             forward = lambda ids: forward_logits(model, ids)  # noqa: E731
-            baseline = GraphRunner(forward, inputs, lambda: switch.select(False))
-            kernel = GraphRunner(forward, inputs, lambda: switch.select(True))
+            placement = GraphPlacement(sides=2)  # as the sweep's jobs do
+            baseline = GraphRunner(forward, inputs, lambda: switch.select(False), placement)
+            kernel = GraphRunner(forward, inputs, lambda: switch.select(True), placement)
             rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device)
             assert rounds.estimate is not None
             timed.append(rounds.seconds)
@@ -142,7 +150,7 @@ def main() -> None:
         methods: dict[str, Callable[[], Estimate]] = {
             "1 eager forward/side, unpaired": lambda: single_forward(base, kern),
             "100 eager forwards/side, unpaired": lambda: hundred_forwards(base, kern),
-            "sweep: paired graph rounds in blocks of captures": harness,
+            "sweep: paired graph rounds in blocks of fresh captures": harness,
         }
         for method, measure in methods.items():
             estimates, seconds, timed = [], [], []
@@ -151,7 +159,7 @@ def main() -> None:
                 estimates.append(measure())
                 seconds.append(time.perf_counter() - start)
             rows.append((length, method, summary_row(estimates, timed or seconds)))
-    print_table(rows, args.repeats)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,11 +56,19 @@ def test_mission_command_on_cpu_skips_the_cuda_kernels_and_logs_why(tmp_path):
 
 
 def test_mission_sweep_with_cpu_kernels_logs_the_contract(tmp_path, cpu_kernel_configs):
+    started = time.monotonic()
     done = run_sweep(tmp_path, "--config-dir", str(cpu_kernel_configs), "-m", "dtype=bf16,fp32",
                      "kernels=rms_cpu,silu_cpu,both_cpu", "timing=quick", "prompt.length=40")
+    elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     client, parents, children = child_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 6
+    # The sweep's start-up on the parent run: seconds from process start to each milestone, in order.
+    metrics = parents[0].data.metrics
+    milestones = [metrics[f"startup_s_{name}"] for name in ("imports", "config", "store", "first_job", "table")]
+    assert 0 < milestones[0] and milestones == sorted(milestones) and milestones[-1] < elapsed, metrics
+    assert milestones[-1] - milestones[2] == pytest.approx(metrics["wall_s"], abs=1.0)  # the session's own clock
+    assert "startup_s_cuda" not in metrics  # no CUDA device here: nothing started in the background
     for run in children:
         assert run.data.tags["run_status"] == "measured", run.data.tags["status_reason"]
         assert CONTRACT_PARAMS <= set(run.data.params)
@@ -117,7 +126,7 @@ def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(t
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.target_ci=narrow", "target_ci"),
+    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.budget_s=narrow", "budget_s"),
      ("kernels.RMSNorm.pathh=/x", "pathh"), ("kernels.source=bundle", "kernels.source='bundle'"),
      ("-m kernels.source=auto,bundle", "kernels.source='bundle'")],
 )

@@ -117,13 +117,23 @@ def test_ulp_distance(diff, magnitude, dtype, ulps):
 
 
 def test_max_ulp_is_the_worst_element_at_its_own_magnitude_not_at_the_largest_difference():
-    # Largest |diff| (0.125) at a logit of 20: one bf16 step. The logit of 0.5 differs by 0.0078125: two steps.
-    baseline = torch.tensor([20.0, 0.5, -3.0], dtype=torch.bfloat16)
-    kernel = torch.tensor([20.125, 0.5078125, -3.0], dtype=torch.bfloat16)
+    # The same |diff| (0.125) at a logit of 20 is one bf16 step; at a logit of 12, two steps.
+    baseline = torch.tensor([20.0, 12.0, -3.0], dtype=torch.bfloat16)
+    kernel = torch.tensor([20.125, 12.125, -3.0], dtype=torch.bfloat16)
     reference = baseline.double()
     metrics = compare_outputs(baseline, kernel, reference)
     assert metrics["max_abs_diff"] == 0.125
     assert metrics["max_abs_diff_ulp"] == 2.0
+
+
+def test_ulp_of_a_logit_near_zero_counts_at_the_logits_usual_magnitude():
+    """A logit of 2^-100 has a spacing of 2^-107 in bf16, but it is a sum of terms of the logits' usual size and
+    was rounded at that size: a difference of 2^-8 there is a small fraction of a step at the logits' root mean
+    square (about 13 here, a step of 2^-4), not 2^99 steps (the GPU run showed ~1e38)."""
+    baseline = torch.tensor([20.0, -10.0, 2.0**-100], dtype=torch.bfloat16)
+    kernel = torch.tensor([20.0, -10.0, 2.0**-100 + 2.0**-8], dtype=torch.bfloat16)
+    metrics = compare_outputs(baseline, kernel, baseline.double())
+    assert metrics["max_abs_diff_ulp"] == pytest.approx(2.0**-8 / 2.0**-4)
 
 
 def test_float64_reference_does_not_fall_back_to_float32_inside_rmsnorm():

@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import gpu, load_bundled_silu
 
+from sweep.config import kernel_selection
 from sweep.job import run_job
+from sweep.kernelization import KernelSwitch, resolve_kernel
 from sweep.numerics import forward_logits
 from sweep.results import RunStatus
-from sweep.timing import GraphRunner
+from sweep.timing import GraphPlacement, GraphRunner
 
 pytestmark = [pytest.mark.gpu, gpu]
 
@@ -123,3 +125,35 @@ def test_train_peak_memory_per_side_does_not_depend_on_the_jobs_before(make_conf
     baseline_peak("rms", 2048)  # a larger job in between
     again = baseline_peak("silu", 256)  # the same baseline step as the first job's
     assert again == pytest.approx(first, rel=0.02), (first, again)
+
+
+def test_paired_graphs_share_each_blocks_pool_and_each_replay_computes_its_own_input(make_config, models):
+    """Both sides of a block are captured into one memory pool; a replay may overwrite
+    the other side's output but must compute its own input, block after block."""
+    cfg = make_config("dtype=bf16", "kernels=both", "kernels.source=bundled")
+    model = models.get(cfg.model, torch.bfloat16, torch.device("cuda")).model
+    selection = kernel_selection(cfg.kernels)
+    kernels = [resolve_kernel(layer, spec, selection.source) for layer, spec in selection.specs.items()]
+    switch = KernelSwitch.apply(model, kernels, torch.device("cuda"))
+    inputs = [torch.randint(0, 256, (1, 64), device="cuda") for _ in range(3)]
+    placement = GraphPlacement(sides=2)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return forward_logits(model, ids)
+
+    try:
+        sides = [GraphRunner(forward, inputs, lambda: switch.select(False), placement),
+                 GraphRunner(forward, inputs, lambda: switch.select(True), placement)]
+        for block in range(4):
+            if block:
+                for runner in (sides if block % 2 else sides[::-1]):
+                    runner.renew()
+            assert sides[0].graph.pool() == sides[1].graph.pool()
+            for enabled, runner in zip((False, True), sides):
+                switch.select(enabled)
+                for index, ids in enumerate(inputs):
+                    runner.prepare(index)
+                    runner.run()
+                    assert torch.equal(runner.static_output, forward_logits(model, ids)), (block, enabled, index)
+    finally:
+        switch.select(False)

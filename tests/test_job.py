@@ -12,10 +12,12 @@ from conftest import SHORT_PROMPT, local_kernel
 from kernel_repos import write_kernel_repo
 
 from sweep.config import KernelSourceMode, KernelSpec, TimingMode
+from sweep.forensics import greedy_tokens
 from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
 from sweep.models import ModelCache
 from sweep.numerics import forward_logits
+from sweep.prompts import prompt_inputs
 from sweep.results import JobResult, RunStatus
 from sweep.workloads import JobState, workload
 
@@ -151,6 +153,24 @@ def test_reference_cache_is_keyed_on_the_reference_dtype_and_the_forward(make_co
     assert {(k.prompt_length, k.batch_size) for k in keys} == {(40, 1)}
 
 
+def test_the_baseline_generates_once_per_model_and_prompt_for_every_kernel_subset(make_config, kernel_repos):
+    """The baseline's greedy tokens do not depend on the kernels: the second job takes them from the cache, and its
+    generation metrics are those of a fresh baseline generation."""
+    models = ModelCache()
+    results = [run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT, *local_kernel("RMSNorm", repo, name)),
+                       models)
+               for repo, name in ((kernel_repos["exact_rms"], "ExactRMSNorm"), (kernel_repos["low_rms"], "LowRMSNorm"))]
+    assert all(r.status == RunStatus.measured for r in results), [r.reason for r in results]
+    [key] = models.generation_keys
+    assert (key.prompt_length, key.new_tokens) == (40, 8)
+    cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT)
+    model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
+    ids = prompt_inputs(models.get(cfg.model, torch.float32, torch.device("cpu")).tokenizer, cfg.prompt, 1,
+                        torch.device("cpu"))[0]
+    assert torch.equal(models.baseline_tokens(key, lambda: None), greedy_tokens(model, ids, 8))
+    assert results[0].metrics["gen_match"] == 1.0  # an exact kernel generates what the baseline does
+
+
 @pytest.mark.parametrize(("repo", "layer"), [("nan_rms", "NanRMSNorm"), ("inf_rms", "InfRMSNorm")])
 def test_non_finite_kernel_output_fails_the_job_with_where(make_config, models, kernel_repos, repo, layer):
     result = run_job(make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT,
@@ -284,8 +304,8 @@ def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_
     small = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
              "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
              "model.architecture.num_key_value_heads=4", "prompt.length=8", "numerics.gen_tokens=0",
-             "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.min_rounds=20",
-             "timing.max_rounds=60", "timing.target_ci=0.002", "timing.budget_s=15"]
+             "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.blocks=10",
+             "timing.budget_s=2"]
     result = run_job(make_config("dtype=fp32", "kernels=none", *small,
                                  *local_kernel("RMSNorm", same, "SameRMSNorm")), ModelCache())
     assert result.status == RunStatus.measured, result.reason

@@ -198,10 +198,10 @@ def _no_build_dir(tmp_path: Path) -> Path:
 # Every refusal, with what its message must say. `{tmp}` is the test's folder.
 REFUSALS = [
     (["prompt.lenght=5"], "unknown key 'prompt.lenght': prompt has text, length, batch_size"),
-    (["timing.budget=3"], "timing has mode, target_ci, budget_s"),
+    (["timing.budget=3"], "timing has mode, budget_s, blocks"),
     (["dtype=bf17"], "Available options in 'dtype'"),
     (["-m", "dtype=fp32,bf17"], "Could not find 'dtype/bf17'"),  # the second job of a multirun
-    (["timing.target_ci=narrow"], "target_ci"),  # a wrong type
+    (["timing.blocks=many"], "blocks"),  # a wrong type
     (["-m", "prompt.length=40,0"], "prompt.length=0 is below 1"),
     (["prompt.batch_size=0"], "prompt.batch_size=0 is below 1"),
     (["prompt.text="], "prompt.text is empty"),

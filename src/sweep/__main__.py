@@ -25,6 +25,7 @@ from .session import (
     end_unfinished_session,
     session_was_opened,
 )
+from .startup import milestone, wait_for_cuda
 from .validation import override_problems
 from .workers import keep_this_worker
 
@@ -57,6 +58,8 @@ def sweep_job(cfg: DictConfig) -> None:
             return
         started = result
         run_id = session.start(started, key)
+        wait_for_cuda()  # started in the background at the sweep's start (sweep/startup.py)
+        milestone("first_job")
         with sigterm_raises():
             try:
                 result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
@@ -88,6 +91,7 @@ def _resume_key(cfg: DictConfig) -> str | None:
 def main() -> None:
     """Exit status: 0 all measured or skipped, 1 a job failed, 2 refused before any job ran, 3 could not finish
     (sweep/exit_codes.py); 130 or 143 interrupted (Ctrl-C, SIGTERM), its runs marked KILLED."""
+    milestone("imports")
     problems = override_problems(_command_line_overrides())
     if problems:
         for problem in problems:

@@ -73,11 +73,10 @@ class PromptConfig:
 @dataclass
 class TimingConfig:
     mode: TimingMode = TimingMode.auto
-    target_ci: float = 0.0015  # stop once the 95% interval of the speedup is within +-0.15%
-    budget_s: float = 1.0  # per job: seconds of timed work (both sides), re-captures and checks not counted
-    min_rounds: int = 50  # with 5 rounds a block: 10 blocks before the interval may stop the rounds
-    max_rounds: int = 1000
-    block_rounds: int = 5  # rounds per capture; the interval is computed over blocks
+    # Per job: seconds of timed work (both sides), spread evenly over the blocks; re-captures, checks and the
+    # untimed lead-in of each measurement are not counted. At least one round per block whatever the budget.
+    budget_s: float = 0.5
+    blocks: int = 10  # fresh captures per side; the interval is Student's t over the blocks' means
     warmup: int = 3
     min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
     input_sets: int = 3  # rotated among so that caches do not flatter either side

@@ -37,7 +37,17 @@ from .lease import contention_tags
 from .models import ModelCache, ReferenceKey, torch_dtype
 from .redaction import redact_text
 from .results import JobResult, RunStatus
-from .timing import BASELINE, KERNEL, SPEEDUP, EagerRunner, GraphRunner, RoundsResult, Runner, timed_sides
+from .timing import (
+    BASELINE,
+    KERNEL,
+    SPEEDUP,
+    EagerRunner,
+    GraphPlacement,
+    GraphRunner,
+    RoundsResult,
+    Runner,
+    timed_sides,
+)
 from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
 
 StatusHook = Callable[[str], None]
@@ -265,7 +275,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
                 "(a layer without a compatible mode or device in its kernel repository)"
             )
 
-    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status, kernels)
+    job = JobState(model, switch, inputs, reference, cfg, plan.device, plan.dtype, result, status, models, kernels)
     with work.running(model):
         with phases("numerics"):
             sides = work.sides(job)
@@ -293,13 +303,17 @@ def _check_other_input_sets(job: JobState, sides: Sides) -> None:
 
 def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs) -> dict[str, Runner]:
     """One runner per side. Each selects its side (kernels on or off) in its untimed `prepare` (eager) or
-    before capture (graph): switching forwards is never inside a timed forward."""
-    make = GraphRunner if mode == TimingMode.graph else EagerRunner
-    if switch is None or sides.kernel is None:
-        runners = {BASELINE: make(sides.baseline, inputs)}
-    else:
+    before capture (graph): switching forwards is never inside a timed forward. The graph sides of a block
+    share its memory pool and its random offset, so that where the block's buffers land cancels in the ratios."""
+    with_kernel = switch is not None and sides.kernel is not None
+    make: Callable[..., Runner] = EagerRunner
+    if mode == TimingMode.graph:
+        make = partial(GraphRunner, placement=GraphPlacement(sides=1 + with_kernel + len(sides.others)))
+    if with_kernel:
         runners = {BASELINE: make(sides.baseline, inputs, lambda: switch.select(False)),
                    KERNEL: make(sides.kernel, inputs, lambda: switch.select(True))}
+    else:
+        runners = {BASELINE: make(sides.baseline, inputs)}
     for side in sides.others:
         runners[side.name] = make(side.forward, inputs, side.select)
     return runners
@@ -360,9 +374,10 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     metrics = result.metrics
     metrics["latency_ms_baseline"] = median(primary.baseline_ms)
     metrics["timing_rounds"] = primary.rounds
+    metrics["timing_blocks"] = len(set(primary.blocks))
+    metrics["timing_reps"] = primary.reps
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
-    result.tags["timing_stopped_by"] = primary.stopped_by
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
     if len(measured) > 1 or primary_mode == TimingMode.graph:
         for mode, rounds in measured.items():

@@ -128,14 +128,26 @@ class ReferenceKey:
     forward_path: str
 
 
+@dataclass(frozen=True)
+class GenerationKey:
+    """Everything besides the model that determines the baseline's greedy tokens."""
+
+    prompt_text: str
+    prompt_length: int
+    batch_size: int
+    new_tokens: int
+
+
 class ModelCache:
     """One model per process at a time, reused by the jobs of a sweep that share (model, dtype, device);
-    with it, its high-precision references per workload, prompt, reference dtype and forward path."""
+    with it, its high-precision references per workload, prompt, reference dtype and forward path, and its own
+    (baseline) greedy tokens per prompt: both are the same for every kernel subset."""
 
     def __init__(self) -> None:
         self._key: tuple[str, str, str] | None = None
         self._loaded: LoadedModel | None = None
         self._references: dict[ReferenceKey, Any] = {}
+        self._baseline_tokens: dict[GenerationKey, torch.Tensor] = {}
 
     def get(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         key = (repr(cfg), str(dtype), str(device))
@@ -154,7 +166,16 @@ class ModelCache:
     def reference_keys(self) -> list[ReferenceKey]:
         return list(self._references)
 
+    def baseline_tokens(self, key: GenerationKey, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._baseline_tokens:
+            self._baseline_tokens[key] = compute()
+        return self._baseline_tokens[key]
+
+    @property
+    def generation_keys(self) -> list[GenerationKey]:
+        return list(self._baseline_tokens)
+
     def clear(self) -> None:
-        self._key, self._loaded, self._references = None, None, {}
+        self._key, self._loaded, self._references, self._baseline_tokens = None, None, {}, {}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

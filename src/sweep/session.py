@@ -24,6 +24,7 @@ from .models import ModelCache
 from .redaction import redact_uri
 from .results import JobResult, RunStatus
 from .spool import Spool, SpoolError
+from .startup import milestone, start_cuda_in_background, startup_metrics
 from .summary import sweep_tables
 from .sync import Delivery
 from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
@@ -133,11 +134,22 @@ class SweepSession:
         return self._failed
 
     def close(self) -> None:
-        """Tables, parent run description and artifacts from the job runs the store holds, whoever logged them."""
+        """Tables, parent run description and artifacts from the job runs the store holds, whoever logged them.
+        The tables come first: they are what the user waits for."""
         wall = time.perf_counter() - self.started
         title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
         self.delivery.flush()
         jobs, resumed = self._stored_jobs()
+        stored = list(jobs.values())
+        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
+        self._failed = counts[RunStatus.failed.value]
+        for table in sweep_tables(stored, title):
+            self.console.print(table)
+            milestone("table")
+        if resumed:
+            self.console.print("skipped, already measured (resume=false measures them again):\n  "
+                               + "\n  ".join(resumed))
+        self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
         if jobs and not self.delivery.store_down:
             # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
             from .sweep_page import Links, report_files, sweep_page
@@ -147,17 +159,8 @@ class SweepSession:
                               report_files(self.tracker.uri, self.experiment, self.sweep_id))
             self._if_store_answers(lambda: self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts),
                                    "the sweep's page is not written")
-        stored = list(jobs.values())
-        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
-        self._failed = counts[RunStatus.failed.value]
         summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
-        self.delivery.end_sweep(self.sweep_id, summary, failed=self._failed > 0)
-        for table in sweep_tables(stored, title):
-            self.console.print(table)
-        if resumed:
-            self.console.print("skipped, already measured (resume=false measures them again):\n  "
-                               + "\n  ".join(resumed))
-        self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
+        self.delivery.end_sweep(self.sweep_id, summary | startup_metrics(), failed=self._failed > 0)
         self._print_way_in()
 
     def _stored_jobs(self) -> tuple[dict[str, JobResult], list[str]]:
@@ -263,6 +266,11 @@ def _compose_jobs(config: DictConfig) -> list[tuple[str, DictConfig | Exception]
     return jobs
 
 
+def _jobs_run_here(config: DictConfig) -> bool:
+    """Whether the multirun's launcher runs the jobs in this process (Hydra's basic launcher, the default)."""
+    return str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher")
+
+
 def _parse_overrides(overrides: list[str]) -> list[Override]:
     return OverridesParser.create().parse_overrides(overrides)
 
@@ -284,9 +292,12 @@ class SweepLifecycle(Callback):
     """Hydra callback: one session (and MLflow parent run) around each `python -m sweep` invocation."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_cuda_in_background()
         self._open(config, [("", config)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _jobs_run_here(config):
+            start_cuda_in_background()
         self._open(config, _compose_jobs(config))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -301,6 +312,7 @@ class SweepLifecycle(Callback):
         global _current, _opened
         errors = Console(stderr=True, soft_wrap=True)
         problems = validate_jobs(jobs)
+        milestone("config")
         if problems:
             errors.print(f"[red]sweep refused[/] ({len(problems)} problem(s), nothing was run or logged):")
             for problem in problems:
@@ -310,6 +322,7 @@ class SweepLifecycle(Callback):
             _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=len(jobs),
                                     swept_keys=_swept_keys(config))
             os.environ[PARENT_RUN_ENV] = _current.sweep_id
+            milestone("store")
         except Exception as error:  # Hydra would demote a callback's exception to a warning and go on
             errors.print(f"[red]sweep: cannot open the tracking store[/]: {redact_uri(str(error))}")
             raise SystemExit(EXIT_REFUSED) from None

@@ -1,6 +1,6 @@
 """Timing: baseline and kernel (or more sides) interleaved in rounds (A B / B A at random), rotated over input
-sets, in blocks that each start from a fresh capture, until the intervals are narrow enough or the budget is spent.
-CUDA-graph replay or eager forwards."""
+sets, in a fixed number of blocks that each start from a fresh capture, with as many rounds as the budget allows,
+decided before the first round. CUDA-graph replay or eager forwards."""
 
 from __future__ import annotations
 
@@ -19,16 +19,6 @@ from .statistics import SpeedupEstimate, blocked_speedup
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits of the side that is selected
 Select = Callable[[], None]  # switches the model to one side (kernels on or off); never inside the timed region
-
-
-@dataclass
-class TimedSide:
-    """A side to time beside baseline and kernel (e.g. the compiled model): its forward, and how to select it
-    (kernels on or off) before running it, outside the timed region."""
-
-    name: str
-    forward: Forward
-    select: Select
 
 
 class Runner(Protocol):
@@ -80,6 +70,7 @@ class GraphCheckError(RuntimeError):
 REPLAY_TOLERANCE = 1e-2
 REPLAY_MARGIN = 3.0
 PLACEMENT_STEP = 2**21  # the caching allocator's large-segment granularity (2 MiB)
+PLACEMENT_STEPS = 64
 
 
 def replay_accepted(own_error: float, other_errors: list[float]) -> bool:
@@ -91,15 +82,43 @@ def replay_accepted(own_error: float, other_errors: list[float]) -> bool:
     return own_error <= REPLAY_TOLERANCE or nearest_own
 
 
+class GraphPlacement:
+    """Where a block's captures go: a graph memory pool placed after a random offset (a multiple of PLACEMENT_STEP;
+    without it the allocator would hand every capture the addresses the previous one freed). Shared by the `sides`
+    runners of a block: the first of them to capture in a block gets a new pool at a new offset, the others join it.
+    With `sides=1` each capture is placed on its own."""
+
+    def __init__(self, sides: int):
+        self._sides = sides
+        self._rng = random.Random()
+        self._captures = 0
+        self._offset: torch.Tensor | None = None
+        self._pool: object = None
+
+    def next_pool(self) -> object:
+        """The memory pool for the next capture."""
+        if self._captures % self._sides == 0:
+            self._offset = self._pool = None  # the previous block's offset goes before the next one is placed
+            self._offset = torch.empty(self._rng.randrange(PLACEMENT_STEPS) * PLACEMENT_STEP, dtype=torch.uint8,
+                                       device="cuda")
+            self._pool = torch.cuda.graph_pool_handle()
+        self._captures += 1
+        return self._pool
+
+
 class GraphRunner:
     """A CUDA graph of one forward. The static input and output stay referenced for the graph's lifetime:
-    a replay reads the buffers it captured, and a freed input makes it read garbage."""
+    a replay reads the buffers it captured, and a freed input makes it read garbage. Graphs that share a memory
+    pool (`GraphPlacement` with both sides) are never replayed at the same time, and only the replay just made
+    is read (in the check): a replay may overwrite the other side's output, never its own."""
 
-    def __init__(self, forward: Forward, inputs: list[torch.Tensor], select: Select = _no_switch):
+    def __init__(self, forward: Forward, inputs: list[torch.Tensor], select: Select = _no_switch,
+                 placement: GraphPlacement | None = None):
         self._forward = forward
         self._inputs = inputs
         self._select = select
-        self._placement = random.Random()
+        self._placement = placement or GraphPlacement(sides=1)
+        self._expected: list[torch.Tensor] = []  # each input set's eager output, computed at the first capture
         self.replay_error = 0.0
         self.renew()
 
@@ -107,35 +126,37 @@ class GraphRunner:
         """Captures the forward again on fresh buffers: where a capture's buffers and memory pool land is part of
         what a rerun changes, so every block of rounds times a capture of its own, somewhere else in memory."""
         forward = self._forward
-        self.graph = self.static_output = None  # the previous capture's memory pool goes before the next one
-        # Without an offset the allocator would hand every capture the addresses the previous one freed.
-        self._offset = torch.empty(self._placement.randrange(64) * PLACEMENT_STEP, dtype=torch.uint8, device="cuda")
+        self.graph = self.static_output = None  # the previous capture's memory goes before the next one
+        pool = self._placement.next_pool()
         self._inputs = [ids.clone() for ids in self._inputs]
         self.static_input = self._inputs[0].clone()
         self._select()  # captured into the graph: replays need no switching
-        side_stream = torch.cuda.Stream()
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream):  # warm-up outside capture: compilation, cuBLAS handles, autotuning
-            for _ in range(2):
-                forward(self.static_input)
-        torch.cuda.current_stream().wait_stream(side_stream)
+        first = not self._expected
+        if first:  # compilation, cuBLAS handles, autotuning happen before capture, not in it
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                for _ in range(2):
+                    forward(self.static_input)
+            torch.cuda.current_stream().wait_stream(side_stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.static_output = forward(self.static_input)
-        self.replay_error = max(self.replay_error, self._check_against(forward))
+        if first:  # the same inputs' eager outputs serve every later capture's check
+            self._expected = [forward(ids) for ids in self._inputs]
+        self.replay_error = max(self.replay_error, self._check())
 
-    def _check_against(self, forward: Forward) -> float:
+    def _check(self) -> float:
         """Replays every input set; returns the largest relative error against the eager forward."""
-        eager = [forward(ids) for ids in self._inputs]
         worst = 0.0
-        for index, expected in enumerate(eager):
+        for index, expected in enumerate(self._expected):
             self.prepare(index)
             self.run()
             bad = int((~torch.isfinite(self.static_output)).sum())
             if bad:
                 raise GraphCheckError(f"graph replay of input set {index} has {bad} non-finite values")
             error = relative_error(self.static_output, expected)
-            others = [relative_error(self.static_output, e) for i, e in enumerate(eager) if i != index]
+            others = [relative_error(self.static_output, e) for i, e in enumerate(self._expected) if i != index]
             if not replay_accepted(error, others):
                 nearest_other = f", {min(others):.3g} from another input's" if others else ""
                 raise GraphCheckError(
@@ -163,6 +184,11 @@ class Clock:
 
     def measure(self, runner: Runner, reps: int) -> float:
         if self._cuda:
+            # Untimed lead-in: the device is still busy with it when the start event is recorded, so the timed
+            # forwards run back to back. Without it the first launch's latency (tens of microseconds, the same for
+            # both sides) was timed too, divided by `reps`: it pulled the ratio towards 1 by an amount that changed
+            # with `reps`, which each job chose anew.
+            runner.run()
             self._start.record()
             for _ in range(reps):
                 runner.run()
@@ -185,7 +211,6 @@ class RoundsResult:
     estimates: dict[str, SpeedupEstimate] = field(default_factory=dict)  # comparison name -> estimate
     reps: int = 1
     seconds: float = 0.0  # timed work only: the sum of every measurement, every side
-    stopped_by: str = ""  # target (every interval is narrow enough), budget, max_rounds, or rounds (one side)
 
     @property
     def rounds(self) -> int:
@@ -209,6 +234,16 @@ Comparison = tuple[str, str]  # (side whose time is the numerator, side whose ti
 ProgressHook = Callable[[RoundsResult], None]
 
 
+@dataclass
+class TimedSide:
+    """A side to time beside baseline and kernel (e.g. the compiled model): its forward, and how to select it
+    (kernels on or off) before running it, outside the timed region."""
+
+    name: str
+    forward: Forward
+    select: Select
+
+
 def timed_rounds(
     baseline: Runner,
     kernel: Runner | None,
@@ -220,7 +255,7 @@ def timed_rounds(
     clock: Clock | None = None,
 ) -> RoundsResult:
     """Baseline and kernel: `timed_sides` with the comparison `speedup` = baseline / kernel. Without a kernel
-    runner the baseline alone is timed for `cfg.min_rounds` rounds."""
+    runner the baseline alone is timed, in the same blocks."""
     runners = {BASELINE: baseline} if kernel is None else {BASELINE: baseline, KERNEL: kernel}
     comparisons = {} if kernel is None else {SPEEDUP: (BASELINE, KERNEL)}
     return timed_sides(runners, comparisons, n_inputs, cfg, device, seed, progress, clock)
@@ -236,57 +271,49 @@ def timed_sides(
     progress: ProgressHook | None = None,
     clock: Clock | None = None,
 ) -> RoundsResult:
-    """Blocks of `cfg.block_rounds` rounds, each block on renewed runners; in each round every side is timed
-    once, in random order, on the same input. Goes on until every comparison's interval meets `cfg.target_ci`
-    (checked after each block, from `cfg.min_rounds` on), `cfg.budget_s` of timed work is spent, or
-    `cfg.max_rounds` is reached. The first runner is the reference for the repetition count.
-
-    Without comparisons the sides are timed for `cfg.min_rounds` rounds.
+    """`cfg.blocks` blocks of rounds, every block after the first on renewed runners; in each round every side is
+    timed once, in random order, on the same input. The rounds per block are fixed before the first one, from one
+    pilot measurement of each side, so that the blocks together spend about `cfg.budget_s` of timed work (at least
+    one round per block). Nothing the rounds measure decides when they stop: stopping once the interval looks
+    narrow enough would stop when it happens to be too narrow. One estimate per comparison.
     """
     clock = clock or Clock(device)
     names = list(runners)
     sides = [runners[name] for name in names]
+    pilot_ms = []
     for runner in sides:
         for index in range(n_inputs):
             runner.prepare(index)
             for _ in range(cfg.warmup):
                 runner.run()
-    sides[0].prepare(0)
-    single_ms = clock.measure(sides[0], 1)
-    result = RoundsResult(ms={name: [] for name in names},
-                          reps=max(1, min(100, math.ceil(cfg.min_measure_ms / max(single_ms, 1e-6)))))
+        runner.prepare(0)
+        pilot_ms.append(clock.measure(runner, 1))
+    reps = max(1, min(100, math.ceil(cfg.min_measure_ms / max(min(pilot_ms), 1e-6))))
+    round_s = reps * sum(pilot_ms) / 1e3
+    rounds_per_block = max(1, round(cfg.budget_s / (cfg.blocks * max(round_s, 1e-9))))
+    result = RoundsResult(ms={name: [] for name in names}, reps=reps)
     order_rng = random.Random(seed)
-    max_rounds = cfg.max_rounds if comparisons else cfg.min_rounds
-    block = 0
-    while result.rounds < max_rounds:
+    for block in range(cfg.blocks):
         if block > 0:
             _renew(order_rng.sample(sides, len(sides)), cfg.warmup)
-        for _ in range(min(cfg.block_rounds, max_rounds - result.rounds)):
+        for _ in range(rounds_per_block):
             index = result.rounds % n_inputs
             order = list(range(len(sides)))
             order_rng.shuffle(order)
             times = [0.0] * len(sides)
             for side in order:
                 sides[side].prepare(index)
-                times[side] = clock.measure(sides[side], result.reps)
+                times[side] = clock.measure(sides[side], reps)
             for name, ms in zip(names, times):
                 result.ms[name].append(ms)
             result.blocks.append(block)
-            result.seconds += sum(times) * result.reps / 1e3
-        block += 1
+            result.seconds += sum(times) * reps / 1e3
         if progress is not None:
             progress(result)
-        if comparisons:
-            result.stopped_by = _stop_reason(result, comparisons, cfg)
-            if result.stopped_by:
-                break
-        elif result.seconds > cfg.budget_s:
-            result.stopped_by = "budget"
-            break
-    if not result.stopped_by:
-        result.stopped_by = "max_rounds" if comparisons else "rounds"
-    if comparisons and not result.estimates:
-        result.estimates = _estimates(result, comparisons, cfg)
+    result.estimates = {
+        name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence)
+        for name, (numerator, denominator) in comparisons.items()
+    }
     return result
 
 
@@ -296,25 +323,3 @@ def _renew(sides: list[Runner], warmup: int) -> None:
         runner.prepare(0)
         for _ in range(warmup):
             runner.run()
-
-
-def _estimates(
-    result: RoundsResult, comparisons: dict[str, Comparison], cfg: TimingConfig
-) -> dict[str, SpeedupEstimate]:
-    return {name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence)
-            for name, (numerator, denominator) in comparisons.items()}
-
-
-def _stop_reason(result: RoundsResult, comparisons: dict[str, Comparison], cfg: TimingConfig) -> str:
-    """Why to stop after this block ("" to go on); sets the estimates whenever it checks. The target is met
-    when the widest interval of all comparisons is within it."""
-    enough_blocks = len(set(result.blocks)) >= 2
-    out_of_budget = result.seconds > cfg.budget_s and enough_blocks
-    checkpoint = result.rounds >= cfg.min_rounds and enough_blocks
-    last = result.rounds >= cfg.max_rounds
-    if not (checkpoint or out_of_budget or last):
-        return ""
-    result.estimates = _estimates(result, comparisons, cfg)
-    if max(e.relative_half_width for e in result.estimates.values()) <= cfg.target_ci:
-        return "target"
-    return "budget" if out_of_budget else "max_rounds" if last else ""

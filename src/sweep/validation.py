@@ -91,16 +91,14 @@ def job_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     prompt, timing = cfg.prompt, cfg.timing
     minimums = (("prompt.length", prompt.length, 1), ("prompt.batch_size", prompt.batch_size, 1),
-                ("timing.input_sets", timing.input_sets, 1), ("timing.min_rounds", timing.min_rounds, 1),
-                ("timing.block_rounds", timing.block_rounds, 1), ("timing.warmup", timing.warmup, 0),
+                ("timing.input_sets", timing.input_sets, 1), ("timing.blocks", timing.blocks, 2),
+                ("timing.warmup", timing.warmup, 0),
                 ("numerics.gen_tokens", cfg.numerics.gen_tokens, 0),
                 ("tracking.http_max_retries", cfg.tracking.http_max_retries, 0),
                 ("tracking.http_timeout_s", cfg.tracking.http_timeout_s, 1))
     for key, value, minimum in minimums:
         if value < minimum:
             problems.append(f"{key}={value} is below {minimum}: set {key}={max(minimum, 1)} or more")
-    if timing.max_rounds < timing.min_rounds:
-        problems.append(f"timing.max_rounds={timing.max_rounds} is below timing.min_rounds={timing.min_rounds}")
     if timing.budget_s <= 0:
         problems.append(f"timing.budget_s={timing.budget_s} must be positive, e.g. timing.budget_s=20")
     if not prompt.text:

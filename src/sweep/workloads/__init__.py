@@ -16,6 +16,7 @@ from ..config import PromptConfig, WorkloadConfig
 from ..errors import KernelOutputError, SkipJob
 from ..forensics import first_nonfinite_module
 from ..kernelization import KernelSwitch, ResolvedKernel
+from ..models import ModelCache
 from ..numerics import nonfinite_count
 from ..results import JobResult
 from ..timing import Comparison, TimedSide
@@ -37,6 +38,7 @@ class JobState:
     dtype: torch.dtype  # the run's
     result: JobResult
     status: StatusHook
+    models: ModelCache  # the process's: what a workload computes once per model and prompt is kept there
     kernels: list[ResolvedKernel] = field(default_factory=list)  # what `switch` applied
 
 

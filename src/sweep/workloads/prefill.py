@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,7 @@ from ..errors import KernelOutputError
 from ..forensics import (
     distribution_metrics,
     generation_metrics,
+    greedy_tokens,
     layer_metrics,
     layers_csv,
     layers_png,
@@ -38,6 +40,7 @@ from ..numerics import (
     reference_logits,
     relative_error,
 )
+from ..models import GenerationKey
 from ..prompts import prompt_inputs
 from ..results import JobResult
 from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
@@ -193,5 +196,8 @@ def _numerics(job: JobState, gen_tokens: int) -> dict[str, float]:
     metrics["gen_tokens"] = gen_tokens
     if gen_tokens > 0:
         job.status(f"generating {gen_tokens} tokens")
-        metrics |= generation_metrics(model, switch, input_ids, gen_tokens)
+        prompt = job.cfg.prompt
+        key = GenerationKey(prompt.text, prompt.length, prompt.batch_size, gen_tokens)
+        baseline_tokens = partial(job.models.baseline_tokens, key, lambda: greedy_tokens(model, input_ids, gen_tokens))
+        metrics |= generation_metrics(model, switch, input_ids, gen_tokens, baseline_tokens)
     return metrics
