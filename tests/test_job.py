@@ -270,7 +270,7 @@ def test_switching_kernels_is_outside_the_timed_forward(make_config, models, ker
              for m in switch.modules]
     try:
         with work.running(model):
-            job = JobState(model, switch, inputs, None, cfg, cpu, torch.float32, JobResult(name, {}), print)
+            job = JobState(model, switch, inputs, None, cfg, cpu, torch.float32, JobResult(name, {}), print, models)
             sides = work.sides(job)
             switched.clear()
             baseline, kernel_runner = _runners(TimingMode.eager, sides, switch, inputs)
