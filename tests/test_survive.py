@@ -117,7 +117,7 @@ def test_out_of_memory_in_a_kernel_fails_its_job_and_the_next_job_measures(make_
 
 
 @pytest.mark.parametrize(("target", "phase"), [("sweep.models.load_model", "load"),
-                                               ("sweep.job.reference_logits", "reference")])
+                                               ("sweep.workloads.prefill.reference_logits", "reference")])
 def test_out_of_memory_while_loading_or_in_the_reference_names_the_phase(make_config, monkeypatch, target, phase):
     """Fault injection: the model loader or the reference forward raises torch's out-of-memory error (the GPU
     evidence provokes it for real)."""
