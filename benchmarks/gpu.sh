@@ -128,7 +128,7 @@ scale() {  # issue 12, on a machine with 2 or more GPUs: the 36-job grid with th
     # pids, GPU time, overlaps, contention, speedups side by side), then the two-GPU tests. ~5 min on 2 H100s.
     # SCALE_STEP="parallel serial compare tests" (the default) or any of them; the stores stay in runs/scale-out/.
     mkdir -p runs/scale-out
-    local grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192 $SCALE_OVERRIDES)
+    local grid=(dtype=bf16,fp16,fp32 kernels=none,rms,silu,both prompt.length=118,2048,8192 ${SCALE_OVERRIDES:-})
     local step start code
     for step in ${SCALE_STEP:-parallel serial compare tests}; do
         start=$(date +%s%N)
