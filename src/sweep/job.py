@@ -372,30 +372,23 @@ def _timing_metrics(measured: dict[TimingMode, RoundsResult], result: JobResult)
     primary_mode = next(iter(measured))
     primary = measured[primary_mode]
     metrics = result.metrics
-    metrics["latency_ms_baseline"] = median(primary.baseline_ms)
     metrics["timing_rounds"] = primary.rounds
     metrics["timing_blocks"] = len(set(primary.blocks))
     metrics["timing_reps"] = primary.reps
     metrics["timing_s"] = sum(r.seconds for r in measured.values())
     result.tags["timing_mode_used"] = primary_mode.value
     prefixes = {TimingMode.graph: "gpu_ms", TimingMode.eager: "eager_ms"}
-    if len(measured) > 1 or primary_mode == TimingMode.graph:
-        for mode, rounds in measured.items():
-            metrics[f"{prefixes[mode]}_baseline"] = median(rounds.baseline_ms)
-            if rounds.kernel_ms:
-                metrics[f"{prefixes[mode]}_kernel"] = median(rounds.kernel_ms)
+    per_mode = len(measured) > 1 or primary_mode == TimingMode.graph
+    for side, times in primary.ms.items():  # baseline, kernel and the workload's other sides (the compiled model)
+        metrics[f"latency_ms_{side}"] = median(times)
+        if per_mode:
+            for mode, rounds in measured.items():
+                metrics[f"{prefixes[mode]}_{side}"] = median(rounds.ms[side])
     if TimingMode.graph in measured and TimingMode.eager in measured:
         graph, eager = measured[TimingMode.graph], measured[TimingMode.eager]
         metrics["launch_overhead"] = median(eager.baseline_ms) / median(graph.baseline_ms)
-    if primary.estimate is not None:
-        metrics["latency_ms_kernel"] = median(primary.kernel_ms)
     for name, estimate in primary.estimates.items():
         metrics[name] = estimate.speedup
         metrics[f"{name}_ci_low"] = estimate.low
         metrics[f"{name}_ci_high"] = estimate.high
         metrics[f"{name}_significant"] = float(estimate.significant)
-    for side in primary.ms.keys() - {BASELINE, KERNEL}:  # the workload's other sides (the compiled model)
-        metrics[f"latency_ms_{side}"] = median(primary.ms[side])
-        if len(measured) > 1 or primary_mode == TimingMode.graph:
-            for mode, rounds in measured.items():
-                metrics[f"{prefixes[mode]}_{side}"] = median(rounds.ms[side])
