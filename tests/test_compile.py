@@ -197,3 +197,28 @@ def test_torch_compile_is_represented_by_its_median_run():
     (table,) = compile_tables(rows)
     assert table.title == "tiny-llama bf16 T=118" and list(table.frame["kernels"]) == ["rms", "silu", "both"]
     assert list(table.frame["compile / eager"]) == ["2.10x [2.05, 2.15]", "1.90x [1.85, 1.95]", "2.00x [1.95, 2.05]"]
+
+
+def test_a_triton_kernel_torch_compile_cannot_analyse_is_named():
+    """torch only logs the failure (the issue's `'float' object has no attribute 'to'`) and compiles on."""
+    import inspect
+    import logging
+
+    import torch._higher_order_ops.triton_kernel_wrap as triton_kernel_wrap
+
+    from sweep.compilation import TRITON_ANALYSIS_FAILED, triton_analysis_failures
+
+    assert TRITON_ANALYSIS_FAILED in inspect.getsource(triton_kernel_wrap)  # torch's wording, as installed
+    logger = logging.getLogger("torch._dynamo")
+    with triton_analysis_failures() as failures:
+        logger.warning("a graph break")
+        try:
+            raise AttributeError("'float' object has no attribute 'to'")
+        except AttributeError:
+            logger.warning(f"Encountered an exception in identify_accessed_tensors, {TRITON_ANALYSIS_FAILED}",
+                           exc_info=True)
+    logger.warning(f"after the block, {TRITON_ANALYSIS_FAILED}")
+    assert failures == ["AttributeError: 'float' object has no attribute 'to'"]
+    row = _row("rms", compile_speedup=(2.0, 1.9, 2.1)) | {"compile_triton_analysis_kernel": "torch.compile could..."}
+    (table,) = compile_tables([row])
+    assert "could not analyse its Triton kernel" in table.frame["note"][0]

@@ -100,9 +100,14 @@ def _note(row: Row) -> str:
         reason = " ".join(str(row.get("status_reason", "")).split())
         return f"{status}: {reason[:80]}"
     note = str(_present(row.get("compiled_kernel_note")) or "")
+    notes = []
     if note.startswith("not timed"):
-        return "compile+kernels not timed: a kernel does not declare can_torch_compile"
-    return "compile+kernels: undeclared kernel compiled anyway" if note else ""
+        notes.append("compile+kernels not timed: a kernel does not declare can_torch_compile")
+    elif note:
+        notes.append("compile+kernels: undeclared kernel compiled anyway")
+    if _present(row.get("compile_triton_analysis_kernel")):
+        notes.append("compile could not analyse its Triton kernel (every input treated as mutated)")
+    return "; ".join(notes)
 
 
 COLUMNS: tuple[tuple[str, object], ...] = (

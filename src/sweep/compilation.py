@@ -3,8 +3,10 @@ compile time, graph breaks and recompilations, and the sides and comparisons tha
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -127,6 +129,7 @@ class CompiledSides:
     sides: list[TimedSide]
     deselect: Callable[[], None]  # every kernel forward off
     metrics: dict[str, float] = field(default_factory=dict)  # compile_s_*, compiled_graphs_*, graph_breaks_*
+    tags: dict[str, str] = field(default_factory=dict)  # compile_triton_analysis_<side>, where it failed
     after_compile: DynamoCounts = field(default_factory=DynamoCounts.now)
 
     @property
@@ -181,6 +184,7 @@ def compile_sides(
 
     made: list[TimedSide] = []
     metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
     plan = [(COMPILED, call, without_kernels, "baseline")]
     if compiled_kernel_switch is not None:
         plan.append((COMPILED_KERNEL, call_with_kernels, with_kernels, "kernel"))
@@ -191,15 +195,46 @@ def compile_sides(
         before = DynamoCounts.now()
         started = _clock(example.device)
         try:
-            forward(example)
+            with triton_analysis_failures() as failures:
+                forward(example)
         finally:
             without_kernels()
         metrics[f"compile_s_{suffix}"] = started()
+        if failures:
+            tags[f"compile_triton_analysis_{suffix}"] = (
+                f"torch.compile could not analyse {len(failures)} Triton kernel call(s) ({'; '.join(failures)}): "
+                "it kept them, but treats every input as mutated, which can cost copies")
         counts = DynamoCounts.now().since(before)
         metrics[f"compiled_graphs_{suffix}"] = counts.graphs
         metrics[f"graph_breaks_{suffix}"] = counts.graph_breaks
         made.append(TimedSide(name, forward, select))
-    return CompiledSides(made, without_kernels, metrics)
+    return CompiledSides(made, without_kernels, metrics, tags)
+
+
+# torch's warning when it cannot read a user-defined Triton kernel's accesses (the issue's CompilationError).
+TRITON_ANALYSIS_FAILED = "assuming every input is mutated"
+
+
+@contextmanager
+def triton_analysis_failures() -> Iterator[list[str]]:
+    """The exceptions torch.compile met while analysing user-defined Triton kernels in the block, one line each.
+    torch only logs them (logger `torch._dynamo`) and compiles on."""
+    failures: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if TRITON_ANALYSIS_FAILED in record.getMessage():
+                error = record.exc_info[1] if record.exc_info else None
+                failures.append(" ".join(f"{type(error).__name__}: {error}".split())[:200] if error else
+                                record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)
 
 
 def _inference(compiled: Forward) -> Forward:

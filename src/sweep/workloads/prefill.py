@@ -130,6 +130,7 @@ def _compile(job: JobState) -> CompiledSides:
     compiled = compile_sides(compiled_call, compiled_call_with_kernels, job.switch, compiled_switch, job.inputs[0],
                              job.cfg.baseline)
     job.result.metrics |= compiled.metrics
+    job.result.tags |= compiled.tags
     return compiled
 
 
