@@ -32,11 +32,12 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from sweep.__main__ import CONFIG_DIR
-from sweep.config import kernel_selection, register_configs
+from sweep.config import TimingConfig, kernel_selection, register_configs
 from sweep.kernelization import KernelSwitch, resolve_kernel
 from sweep.models import load_model, torch_dtype
 from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs
+from sweep.statistics import SpeedupEstimate, calibrate_rerun_sd
 from sweep.timing import GraphPlacement, GraphRunner, timed_rounds
 
 Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
@@ -88,8 +89,9 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
         print(f"| {length} | {method} | {columns} |")
 
 
-def from_store(uri: str, label: str) -> None:
-    """The same columns for a sweep's measured job runs, one row per prompt length; `label` names the method."""
+def from_store(uri: str, label: str, confidence: float) -> None:
+    """The same columns for a sweep's measured job runs, one row per prompt length (`label` names the method),
+    and the `timing.rerun_sd` they show."""
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("kernel-sweep")
     runs = client.search_runs([experiment.experiment_id],
@@ -98,11 +100,17 @@ def from_store(uri: str, label: str) -> None:
     by_length: dict[str, list] = {}
     for run in runs:
         by_length.setdefault(run.data.params["prompt_len"], []).append(run.data.metrics)
-    rows = []
+    rows, calibrations = [], []
     for length, metrics in sorted(by_length.items(), key=lambda item: int(item[0])):
         estimates = [(m["speedup"], m["speedup_ci_low"], m["speedup_ci_high"]) for m in metrics]
         rows.append((length, label, summary_row(estimates, [m["timing_s"] for m in metrics])))
+        if len(metrics) >= 3 and "timing_blocks" in metrics[0]:  # runs of the fixed-blocks design
+            rerun_sd = calibrate_rerun_sd([SpeedupEstimate(*e) for e in estimates], int(metrics[0]["timing_blocks"]),
+                                          confidence, metrics[0].get("timing_rerun_sd", 0.0))
+            calibrations.append(f"T={length}: {rerun_sd:.5f}")
     print_table(rows)
+    if calibrations:
+        print(f"\nthe rerun spread these jobs show (timing.rerun_sd; set the largest): {', '.join(calibrations)}")
 
 
 def main() -> None:
@@ -114,7 +122,7 @@ def main() -> None:
     parser.add_argument("--label", default="sweep jobs", help="the method's name in the table (with --store)")
     args = parser.parse_args()
     if args.store:
-        from_store(args.store, args.label)
+        from_store(args.store, args.label, TimingConfig().confidence)
         return
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sweep.config import TimingConfig
-from sweep.statistics import blocked_speedup
+from sweep.statistics import SpeedupEstimate, blocked_speedup, calibrate_rerun_sd, t_quantile
 from sweep.timing import replay_accepted, timed_rounds, timed_sides
 
 
@@ -83,6 +83,7 @@ class FakeClock:
 
 def _rounds(noise: float, clock: FakeClock | None = None, **timing):
     baseline, kernel = FakeRunner(2.0), FakeRunner(1.0)
+    timing.setdefault("rerun_sd", 0.0)  # the blocks' own interval, unless a test asks for the rerun component
     cfg = TimingConfig(min_measure_ms=0.0, warmup=0, **timing)
     result = timed_rounds(baseline, kernel, 3, cfg, torch.device("cpu"), clock=clock or FakeClock(noise))
     return result, baseline
@@ -143,6 +144,49 @@ def test_job_intervals_cover_the_ratio_reruns_scatter_around():
         naive_covered += naive.low <= 2.0 <= naive.high
     assert 0.92 <= covered / jobs <= 0.98
     assert naive_covered / jobs < 0.8  # the rounds of one capture are not independent: blocks are the unit
+
+
+class RerunClock(ShiftingClock):
+    """A ShiftingClock whose whole job runs at one more ratio, drawn per job (the GPU's clock and thermal state over
+    seconds): the same for every block of a job, so the blocks cannot see it."""
+
+    def __init__(self, noise: float, capture_sd: float, rerun_sd: float, seed: int):
+        super().__init__(noise, capture_sd, seed)
+        self.job_shift = math.exp(self.rng.normal(0, rerun_sd))
+
+    def measure(self, runner: FakeRunner, reps: int) -> float:
+        return super().measure(runner, reps) * (self.job_shift if runner.mean_ms == 1.0 else 1.0)
+
+
+def test_rerun_sd_makes_intervals_hold_from_one_job_to_the_next():
+    """As on the H100 at 118 tokens: jobs scatter twice as much as their blocks say. The blocks' interval misses the
+    ratio reruns scatter around; with `timing.rerun_sd` at the scatter they show (calibrated from 20 of the jobs,
+    as benchmarks/timing_precision.py does from a store), about 95% of the intervals hold."""
+    def jobs(seeds: range, rerun_sd: float) -> list[SpeedupEstimate]:
+        return [_rounds(0.0, RerunClock(noise=0.002, capture_sd=0.0005, rerun_sd=0.001, seed=seed), blocks=10,
+                        budget_s=0.15, rerun_sd=rerun_sd)[0].estimate for seed in seeds]
+
+    def coverage(estimates: list[SpeedupEstimate]) -> float:
+        return sum(e.low <= 2.0 <= e.high for e in estimates) / len(estimates)
+
+    assert coverage(jobs(range(300), rerun_sd=0.0)) < 0.8
+    calibrated = calibrate_rerun_sd(jobs(range(1000, 1020), rerun_sd=0.0), blocks=10, confidence=0.95, rerun_sd=0.0)
+    assert 0.0005 < calibrated < 0.002
+    assert 0.92 <= coverage(jobs(range(300), rerun_sd=calibrated)) <= 0.995
+    # the same estimate from jobs that already ran with a rerun_sd (it is taken out of their intervals first)
+    widened = jobs(range(1000, 1020), rerun_sd=0.003)
+    assert calibrate_rerun_sd(widened, 10, 0.95, 0.003) == pytest.approx(calibrated, rel=1e-6)
+
+
+def test_rerun_sd_adds_its_variance_to_the_blocks():
+    rng = np.random.default_rng(3)
+    blocks = _blocks(10, 4)
+    baseline, kernel = 2 * rng.lognormal(0, 0.01, size=40), rng.lognormal(0, 0.01, size=40)
+    plain, widened = blocked_speedup(baseline, kernel, blocks), blocked_speedup(baseline, kernel, blocks, rerun_sd=0.01)
+    assert widened.speedup == plain.speedup
+    plain_se = math.log(plain.high / plain.low) / 2 / t_quantile(9, 0.95)
+    widened_se = math.log(widened.high / widened.low) / 2 / t_quantile(9, 0.95)
+    assert widened_se ** 2 == pytest.approx(plain_se ** 2 + math.log1p(0.01) ** 2)
 
 
 @pytest.mark.parametrize(("own", "others", "accepted"), [

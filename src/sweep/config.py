@@ -81,6 +81,10 @@ class TimingConfig:
     min_measure_ms: float = 2.0  # one measurement repeats the forward until it lasts about this long
     input_sets: int = 3  # rotated among so that caches do not flatter either side
     confidence: float = 0.95
+    # Relative sd of a speedup from one job to the next that one job's blocks do not sample (the GPU's clock and
+    # thermal state); added to every interval. 0.1%: an H100 with tiny-llama, where 20 jobs at 118 tokens scatter
+    # twice as much as their blocks. Calibrate a GPU with benchmarks/timing_precision.py --store.
+    rerun_sd: float = 0.001
 
 
 @dataclass

@@ -364,6 +364,7 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
     _timing_metrics(measured, result)
+    result.metrics["timing_rerun_sd"] = cfg.timing.rerun_sd
     if replay_errors:
         result.metrics["graph_replay_rel_err"] = max(replay_errors)
 

@@ -311,7 +311,8 @@ def timed_sides(
         if progress is not None:
             progress(result)
     result.estimates = {
-        name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence)
+        name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence,
+                               cfg.rerun_sd)
         for name, (numerator, denominator) in comparisons.items()
     }
     return result
