@@ -201,9 +201,7 @@ def compile_sides(
             without_kernels()
         metrics[f"compile_s_{suffix}"] = started()
         if failures:
-            tags[f"compile_triton_analysis_{suffix}"] = (
-                f"torch.compile could not analyse {len(failures)} Triton kernel call(s) ({'; '.join(failures)}): "
-                "it kept them, but treats every input as mutated, which can cost copies")
+            tags[f"compile_triton_analysis_{suffix}"] = triton_analysis_note(failures)
         counts = DynamoCounts.now().since(before)
         metrics[f"compiled_graphs_{suffix}"] = counts.graphs
         metrics[f"graph_breaks_{suffix}"] = counts.graph_breaks
@@ -225,8 +223,7 @@ def triton_analysis_failures() -> Iterator[list[str]]:
         def emit(self, record: logging.LogRecord) -> None:
             if TRITON_ANALYSIS_FAILED in record.getMessage():
                 error = record.exc_info[1] if record.exc_info else None
-                failures.append(" ".join(f"{type(error).__name__}: {error}".split())[:200] if error else
-                                record.getMessage())
+                failures.append(_error_line(error) if error else record.getMessage())
 
     handler = Collect(logging.WARNING)
     logger = logging.getLogger("torch._dynamo")
@@ -235,6 +232,22 @@ def triton_analysis_failures() -> Iterator[list[str]]:
         yield failures
     finally:
         logger.removeHandler(handler)
+
+
+def triton_analysis_note(failures: list[str]) -> str:
+    """The tag for the Triton kernel calls torch.compile could not analyse: each distinct error once."""
+    return (f"torch.compile could not analyse {len(failures)} Triton kernel call(s) "
+            f"({'; '.join(sorted(set(failures)))}): it kept them, but treats every input as mutated, which can "
+            "cost copies")
+
+
+def _error_line(error: BaseException) -> str:
+    """One line for an exception whose message may quote source lines (Triton's CompilationError: the place
+    first, the source, then what went wrong): its type, its first line and its last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{type(error).__name__} {lines[0]} {lines[-1]}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _inference(compiled: Forward) -> Forward:
