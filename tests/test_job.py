@@ -15,7 +15,7 @@ from sweep.config import KernelSourceMode, KernelSpec, TimingMode
 from sweep.forensics import greedy_tokens
 from sweep.job import _runners, run_job
 from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.models import ModelCache
+from sweep.models import GenerationKey, ModelCache, ReferenceKey
 from sweep.numerics import forward_logits
 from sweep.prompts import prompt_inputs
 from sweep.results import JobResult, RunStatus
@@ -147,7 +147,7 @@ def test_reference_cache_is_keyed_on_the_reference_dtype_and_the_forward(make_co
     # A float32 "reference" of a float32 forward is that forward: no error. A float64 one is not.
     assert results["dtype.reference=float32"] == 0.0
     assert results["dtype.reference=float64"] > 0.0
-    keys = models.reference_keys
+    keys = models.derived_keys(ReferenceKey)
     assert sorted((k.reference_dtype, k.forward_path) for k in keys) == [
         ("torch.float32", "default"), ("torch.float64", "default"), ("torch.float64", "use_cache=False")]
     assert {(k.prompt_length, k.batch_size) for k in keys} == {(40, 1)}
@@ -161,13 +161,13 @@ def test_the_baseline_generates_once_per_model_and_prompt_for_every_kernel_subse
                        models)
                for repo, name in ((kernel_repos["exact_rms"], "ExactRMSNorm"), (kernel_repos["low_rms"], "LowRMSNorm"))]
     assert all(r.status == RunStatus.measured for r in results), [r.reason for r in results]
-    [key] = models.generation_keys
+    [key] = models.derived_keys(GenerationKey)
     assert (key.prompt_length, key.new_tokens) == (40, 8)
     cfg = make_config("dtype=fp32", "kernels=none", *SHORT_PROMPT)
     model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
     ids = prompt_inputs(models.get(cfg.model, torch.float32, torch.device("cpu")).tokenizer, cfg.prompt, 1,
                         torch.device("cpu"))[0]
-    assert torch.equal(models.baseline_tokens(key, lambda: None), greedy_tokens(model, ids, 8))
+    assert torch.equal(models.derived(key, lambda: None), greedy_tokens(model, ids, 8))
     assert results[0].metrics["gen_match"] == 1.0  # an exact kernel generates what the baseline does
 
 

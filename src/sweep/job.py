@@ -259,7 +259,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
     key = ReferenceKey(work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size,
                        str(plan.reference_dtype), result.tags["forward_path"])
     with phases("reference"):
-        reference = models.reference(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
+        reference = models.derived(key, lambda: work.reference(model, inputs, plan.reference_dtype, cfg))
     switch = None
     if kernels:
         status("kernelizing")

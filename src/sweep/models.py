@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -138,16 +138,18 @@ class GenerationKey:
     new_tokens: int
 
 
+DerivedKey = TypeVar("DerivedKey", ReferenceKey, GenerationKey)
+
+
 class ModelCache:
     """One model per process at a time, reused by the jobs of a sweep that share (model, dtype, device);
-    with it, its high-precision references per workload, prompt, reference dtype and forward path, and its own
-    (baseline) greedy tokens per prompt: both are the same for every kernel subset."""
+    with it, what is derived from the model alone and is the same for every kernel subset: its high-precision
+    references (`ReferenceKey`) and its own (baseline) greedy tokens (`GenerationKey`)."""
 
     def __init__(self) -> None:
         self._key: tuple[str, str, str] | None = None
         self._loaded: LoadedModel | None = None
-        self._references: dict[ReferenceKey, Any] = {}
-        self._baseline_tokens: dict[GenerationKey, torch.Tensor] = {}
+        self._derived: dict[ReferenceKey | GenerationKey, Any] = {}
 
     def get(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         key = (repr(cfg), str(dtype), str(device))
@@ -157,25 +159,16 @@ class ModelCache:
             self._key = key
         return self._loaded
 
-    def reference(self, key: ReferenceKey, compute: Callable[[], Any]) -> Any:
-        if key not in self._references:
-            self._references[key] = compute()
-        return self._references[key]
+    def derived(self, key: ReferenceKey | GenerationKey, compute: Callable[[], Any]) -> Any:
+        """What `key` names for the current model: computed by `compute` the first time, then kept."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
-    @property
-    def reference_keys(self) -> list[ReferenceKey]:
-        return list(self._references)
-
-    def baseline_tokens(self, key: GenerationKey, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key not in self._baseline_tokens:
-            self._baseline_tokens[key] = compute()
-        return self._baseline_tokens[key]
-
-    @property
-    def generation_keys(self) -> list[GenerationKey]:
-        return list(self._baseline_tokens)
+    def derived_keys(self, kind: type[DerivedKey]) -> list[DerivedKey]:
+        return [key for key in self._derived if isinstance(key, kind)]
 
     def clear(self) -> None:
-        self._key, self._loaded, self._references, self._baseline_tokens = None, None, {}, {}
+        self._key, self._loaded, self._derived = None, None, {}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

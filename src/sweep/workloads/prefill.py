@@ -199,6 +199,6 @@ def _numerics(job: JobState, gen_tokens: int) -> dict[str, float]:
         job.status(f"generating {gen_tokens} tokens")
         prompt = job.cfg.prompt
         key = GenerationKey(prompt.text, prompt.length, prompt.batch_size, gen_tokens)
-        baseline_tokens = partial(job.models.baseline_tokens, key, lambda: greedy_tokens(model, input_ids, gen_tokens))
+        baseline_tokens = partial(job.models.derived, key, lambda: greedy_tokens(model, input_ids, gen_tokens))
         metrics |= generation_metrics(model, switch, input_ids, gen_tokens, baseline_tokens)
     return metrics
