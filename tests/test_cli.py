@@ -142,3 +142,43 @@ def test_unreachable_tracking_server_stops_the_sweep_at_once(tmp_path):
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "cannot reach MLflow server http://127.0.0.1:9" in done.stderr + done.stdout
+
+
+# Runs `python -m sweep` with Hydra's composition of a job's configuration counted.
+COUNT_COMPOSITIONS = """
+import atexit, sys
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+compose, calls = ConfigLoaderImpl.load_sweep_config, []
+def counted(self, *args, **kwargs):
+    calls.append(kwargs.get("sweep_overrides", args[1] if len(args) > 1 else None))
+    return compose(self, *args, **kwargs)
+ConfigLoaderImpl.load_sweep_config = counted
+atexit.register(lambda: print(f"compositions: {len(calls)}", file=sys.stderr))
+sys.argv[0] = "sweep"
+from sweep.__main__ import main
+main()
+"""
+
+
+def test_a_multirun_composes_each_job_twice_not_three_times(tmp_path):
+    """Once in sweep's check of every job before any runs, once to launch it: Hydra's basic sweeper would compose
+    every job once more to check it (`validate_batch_is_legal`), 0.1 to 0.25 s a job."""
+    script = tmp_path / "count_compositions.py"
+    script.write_text(COUNT_COMPOSITIONS)
+    done = subprocess.run(
+        [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
+         f"hydra.sweep.dir={tmp_path}/hydra"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO_ROOT / "src")})
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    _, _, children = child_runs(tmp_path)
+    assert len(children) == 4
+    assert "compositions: 8" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_job_that_does_not_compose_still_refuses_the_sweep(tmp_path):
+    """Hydra's own check is skipped; sweep's refuses a sweep with a job Hydra cannot compose, before any run."""
+    done = run_sweep(tmp_path, "-m", "dtype=bf16,fp99", "timing=quick")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "fp99" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists() or not child_runs(tmp_path)[2]
