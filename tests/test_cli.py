@@ -169,7 +169,7 @@ def test_a_multirun_composes_each_job_twice_not_three_times(tmp_path):
         [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick",
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
          f"hydra.sweep.dir={tmp_path}/hydra"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO_ROOT / "src")})
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"COLUMNS": "200"})
     assert done.returncode in (0, 1), done.stderr[-3000:]
     _, _, children = child_runs(tmp_path)
     assert len(children) == 4
