@@ -5,12 +5,13 @@ Shared by the end-of-sweep tables, the sweep's page in the UI and the report."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import median_low
 
 import pandas as pd
+
+from .formatting import format_number
 
 Row = Mapping[str, object]  # one run: params, metrics and tags by name, plus run_status and status_reason
 
@@ -86,12 +87,7 @@ def ratio(row: Row, name: str, digits: int = 2) -> str:
 
 
 def _number(row: Row, name: str, spec: str) -> str:
-    value = _value(row, name)
-    if value is None:
-        return "-"
-    if abs(value) >= sys.float_info.max:  # how MLflow stores an infinite ratio
-        return "∞"
-    return format(value, spec)
+    return format_number(_value(row, name), spec)
 
 
 def _note(row: Row) -> str:

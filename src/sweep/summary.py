@@ -3,8 +3,6 @@ for the terminal (rich) and for the MLflow run descriptions (markdown)."""
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Callable, Sequence
 
 import pandas as pd
@@ -13,6 +11,7 @@ from rich.table import Table
 from .comparison import CAPTION as COMPILE_CAPTION
 from .comparison import HEADER as COMPILE_HEADER
 from .comparison import compile_tables, is_compile_run, job_rows, ratio
+from .formatting import format_number
 from .results import JobResult, RunStatus
 
 SUMMARY_CAPTION = "~ : the speedup's 95% interval includes 1 (no measurable difference)"
@@ -20,15 +19,6 @@ ACCURACY_CAPTION = "err_ratio > 1: the kernel is further from the float32/64 ref
 # What makes a configuration: the jobs of one configuration differ only in their kernel subset.
 CONFIGURATION_PARAMS = ("model", "dtype", "prompt_len", "batch_size", "device", "timing_mode")
 _SHORT = {"prompt_len": "T={}", "batch_size": "B={}", "device": "{}", "timing_mode": "timing={}"}
-
-
-def format_number(value: float | None, fmt: str) -> str:
-    """`-` for a missing value; ∞ for an infinite one, also as MLflow stores it (the largest float64)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if abs(value) >= sys.float_info.max:
-        return "∞" if value > 0 else "-∞"
-    return format(value, fmt)
 
 
 def _number(result: JobResult, metric: str, fmt: str) -> str:
