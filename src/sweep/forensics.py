@@ -161,13 +161,11 @@ def greedy_tokens(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: i
 
 
 def generation_metrics(
-    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, new_tokens: int,
-    baseline_tokens: Callable[[], torch.Tensor] | None = None,
+    model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, baseline: torch.Tensor
 ) -> dict[str, float]:
-    """`baseline_tokens`: where to get the baseline's greedy tokens (e.g. a cache), if not by generating them."""
-    baseline = baseline_tokens() if baseline_tokens else greedy_tokens(model, input_ids, new_tokens)
+    """The kernels' greedy tokens against the baseline's (`greedy_tokens` of the same prompt, e.g. from a cache)."""
     with switch.active():
-        kernel = greedy_tokens(model, input_ids, new_tokens)
+        kernel = greedy_tokens(model, input_ids, baseline.shape[1])
     return generation_agreement(baseline, kernel)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +28,7 @@ from ..forensics import (
     layers_png,
     traced_logits,
 )
+from ..models import GenerationKey
 from ..numerics import (
     compare_outputs,
     error_ratio,
@@ -40,7 +40,6 @@ from ..numerics import (
     reference_logits,
     relative_error,
 )
-from ..models import GenerationKey
 from ..prompts import prompt_inputs
 from ..results import JobResult
 from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
@@ -142,12 +141,11 @@ def _compiled_numerics(job: JobState, compiled: CompiledSides) -> dict[str, floa
     eager = forward_logits(job.model, ids, job.cfg.forward.use_cache)
     eager_error = relative_error(eager, job.reference)
     outputs = {name: compiled.output(name, ids) for name in compiled.names}
+    metrics: dict[str, float] = {}
     for name, output in outputs.items():
         if bad := nonfinite_count(output):
             raise KernelOutputError(f"the {name.replace('_', ' ')} model's output has {bad} non-finite values "
                                     "where eager's has none")
-    metrics: dict[str, float] = {}
-    for name, output in outputs.items():
         metrics[f"ref_err_{name}"] = relative_error(output, job.reference)
         metrics[f"err_ratio_{name}"] = error_ratio(metrics[f"ref_err_{name}"], eager_error)
     metrics["max_abs_diff_compiled"] = float((outputs[COMPILED].double() - eager.double()).abs().max())
@@ -199,6 +197,6 @@ def _numerics(job: JobState, gen_tokens: int) -> dict[str, float]:
         job.status(f"generating {gen_tokens} tokens")
         prompt = job.cfg.prompt
         key = GenerationKey(prompt.text, prompt.length, prompt.batch_size, gen_tokens)
-        baseline_tokens = partial(job.models.derived, key, lambda: greedy_tokens(model, input_ids, gen_tokens))
-        metrics |= generation_metrics(model, switch, input_ids, gen_tokens, baseline_tokens)
+        baseline_tokens = job.models.derived(key, lambda: greedy_tokens(model, input_ids, gen_tokens))
+        metrics |= generation_metrics(model, switch, input_ids, baseline_tokens)
     return metrics
