@@ -26,8 +26,12 @@ tests() { python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tail -4;
 mission() {  # the original report's table. Wall time from process start to the summary table (the parent run's
     # startup_s_table) and to the process's end, bytecode compiled: first on this machine, then with a cold Triton
     # cache; then where the time went (start-up on the parent run, each job's phases) and the slowest imports.
-    python3 -m compileall -q -j 16 /tmp/site src
-    local run start
+    # As pip leaves an install: bytecode compiled. The image's own packages (torch, sympy) have none, and importing
+    # them did not write any (no torch/__pycache__ afterwards): each process compiled them anew, 13 to 17.5 s of
+    # imports on the H100 machine instead of 7. So compile everything on the path, the image's packages included.
+    local run start path
+    path=$(python3 -c "import sys; print(' '.join(p for p in sys.path[1:] if p and not p.endswith('.zip')))")
+    python3 -m compileall -q -j 16 $path src > /dev/null
     for run in first-on-this-machine cold-triton-cache; do
         rm -rf ~/.triton/cache
         start=$(date +%s%N)
@@ -61,7 +65,10 @@ llama8b() {
     grep -B2 -A6 "baseline ms" $OUT/llama8b.log | head -9
 }
 
-precision() { python3 benchmarks/timing_precision.py --lengths 118 8192 --repeats 10 2>&1 | tail -8; }
+precision() {  # back to back, then as jobs follow other work: what one job's blocks see, and what they cannot
+    python3 benchmarks/timing_precision.py --lengths 118 8192 --repeats 10 2>&1 | tail -8
+    python3 benchmarks/timing_precision.py --lengths 118 --repeats 20 --between-jobs 2>&1 | tail -5
+}
 
 survive() {  # issue 11: the 8B shape out of memory between two batch sizes that fit (one model: the cache is
     # dropped and reloaded), then GPU test kernels that allocate 1 TiB for real (in capture, in eager timing), raise

@@ -13,6 +13,10 @@ timing each spent:
 
     python benchmarks/timing_precision.py --lengths 118 8192 --repeats 20
 
+With `--between-jobs`, only the sweep's method, and each repeat starts as a sweep's job does, after other work: one
+8192-token forward of each side, then 1 s with the GPU idle (another job's timing, then this job's untimed
+numerics). Its repeats then scatter more than back to back: that is what `timing.rerun_sd` covers.
+
 With `--store URI` it reads a sweep's job runs instead and prints the same columns for them, per prompt length
 (`timing_s` as the seconds), e.g. after
 `python -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 numerics.per_layer=false`.
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from scipy import stats
 
 from sweep.__main__ import CONFIG_DIR
@@ -54,6 +59,16 @@ def eager_ms(side: Side) -> float:
 
 
 Estimate = tuple[float, float | None, float | None]  # speedup, interval low, interval high
+
+
+def other_work(model: torch.nn.Module, switch: KernelSwitch, heavy: torch.Tensor) -> None:
+    """What a sweep's job follows: another job's forwards of a long prompt, then the GPU idle during this job's
+    untimed numerics."""
+    for kernels_on in (False, True):
+        switch.select(kernels_on)
+        forward_logits(model, heavy)
+    torch.cuda.synchronize()
+    time.sleep(1.0)
 
 
 def single_forward(base: Side, kern: Side) -> Estimate:
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--store", help="summarise a sweep's job runs in this MLflow store instead")
     parser.add_argument("--label", default="sweep jobs", help="the method's name in the table (with --store)")
+    parser.add_argument("--between-jobs", action="store_true",
+                        help="the sweep's method only, each repeat after an 8192-token forward of each side and 1 s idle")
     args = parser.parse_args()
     if args.store:
         from_store(args.store, args.label, TimingConfig().confidence)
@@ -135,6 +152,9 @@ def main() -> None:
     switch = KernelSwitch.apply(model, kernels, device)
     print(f"kernelized: {switch.replaced}  gpu: {torch.cuda.get_device_name()}")
 
+    heavy_prompt = OmegaConf.merge(cfg.prompt, {"length": 8192})
+    heavy = prompt_inputs(loaded.tokenizer, heavy_prompt, 1, device)[0]
+    between = ", after other work" if args.between_jobs else ""
     rows = []
     for length in args.lengths:
         cfg.prompt.length = length
@@ -150,7 +170,8 @@ def main() -> None:
             placement = GraphPlacement(sides=2)  # as the sweep's jobs do
             baseline = GraphRunner(forward, inputs, lambda: switch.select(False), placement)
             kernel = GraphRunner(forward, inputs, lambda: switch.select(True), placement)
-            rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device)
+            seed = len(timed)  # as `seed=range(N)` gives each job its own order of the sides
+            rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device, seed)
             assert rounds.estimate is not None
             timed.append(rounds.seconds)
             return rounds.estimate.speedup, rounds.estimate.low, rounds.estimate.high
@@ -160,13 +181,17 @@ def main() -> None:
             "100 eager forwards/side, unpaired": lambda: hundred_forwards(base, kern),
             "sweep: paired graph rounds in blocks of fresh captures": harness,
         }
+        if args.between_jobs:
+            methods = {name: measure for name, measure in methods.items() if measure is harness}
         for method, measure in methods.items():
             estimates, seconds, timed = [], [], []
             for _ in range(args.repeats):
+                if args.between_jobs:
+                    other_work(model, switch, heavy)
                 start = time.perf_counter()
                 estimates.append(measure())
                 seconds.append(time.perf_counter() - start)
-            rows.append((length, method, summary_row(estimates, timed or seconds)))
+            rows.append((length, method + between, summary_row(estimates, timed or seconds)))
     print_table(rows)
 
 
