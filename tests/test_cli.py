@@ -153,20 +153,21 @@ def counted(self, *args, **kwargs):
     calls.append(kwargs.get("sweep_overrides", args[1] if len(args) > 1 else None))
     return compose(self, *args, **kwargs)
 ConfigLoaderImpl.load_sweep_config = counted
-atexit.register(lambda: print(f"compositions: {len(calls)}", file=sys.stderr))
+def report():
+    from sweep.session import _composed_for_launch
+    print(f"compositions: {len(calls)}, left untaken: {len(_composed_for_launch)}", file=sys.stderr)
+atexit.register(report)
 sys.argv[0] = "sweep"
 from sweep.__main__ import main
 main()
 """
 
 
-def test_a_multirun_composes_each_job_once(tmp_path):
-    """In sweep's check of every job before any runs; the launch takes that configuration. Hydra's basic sweeper and
-    launcher would compose every job twice more (`validate_batch_is_legal`, then the launch), 0.1 to 0.25 s a job."""
+def _count_compositions(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     script = tmp_path / "count_compositions.py"
     script.write_text(COUNT_COMPOSITIONS)
     done = subprocess.run(
-        [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick",
+        [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick", *overrides,
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
          f"hydra.sweep.dir={tmp_path}/hydra"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"COLUMNS": "200"})
@@ -174,7 +175,20 @@ def test_a_multirun_composes_each_job_once(tmp_path):
     _, _, children = child_runs(tmp_path)
     ran = sorted((run.data.params["dtype"], run.data.params["kernels"]) for run in children)
     assert ran == [("bf16", "rms"), ("bf16", "silu"), ("fp32", "rms"), ("fp32", "silu")]
-    assert "compositions: 4" in done.stderr, done.stderr[-2000:]
+    return done
+
+
+def test_a_multirun_composes_each_job_once(tmp_path):
+    """In sweep's check of every job before any runs; the launch takes that configuration. Hydra's basic sweeper and
+    launcher would compose every job twice more (`validate_batch_is_legal`, then the launch), 0.1 to 0.25 s a job."""
+    done = _count_compositions(tmp_path)
+    assert "compositions: 4, left untaken: 0" in done.stderr, done.stderr[-2000:]
+
+
+def test_under_another_sweeper_no_composed_configuration_waits_for_a_launch(tmp_path):
+    """Hydra's own basic sweeper composes each job itself: the check's configurations are not kept for it."""
+    done = _count_compositions(tmp_path, "hydra/sweeper=basic")
+    assert "compositions: 12, left untaken: 0" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_job_that_does_not_compose_still_refuses_the_sweep(tmp_path):

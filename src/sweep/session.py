@@ -283,6 +283,13 @@ def _jobs_run_here(config: DictConfig) -> bool:
     return str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher")
 
 
+def _launch_takes_composed(config: DictConfig) -> bool:
+    """Whether the launch will take the configurations the check composes (`composed_job`): sweep's own sweeper
+    (`hydra/sweeper=checked`, the default) with the jobs run in this process."""
+    sweeper = str(config.hydra.sweeper.get("_target_", ""))
+    return _jobs_run_here(config) and sweeper.endswith(".CheckedSweeper")
+
+
 def _parse_overrides(overrides: list[str]) -> list[Override]:
     return OverridesParser.create().parse_overrides(overrides)
 
@@ -308,10 +315,9 @@ class SweepLifecycle(Callback):
         self._open(config, [("", config)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        here = _jobs_run_here(config)
-        if here:
+        if _jobs_run_here(config):
             start_cuda_in_background()
-        self._open(config, _compose_jobs(config, for_launch=here))
+        self._open(config, _compose_jobs(config, for_launch=_launch_takes_composed(config)))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         close_session()
