@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu.sh [section ...]
 #   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
 #   compile compile8b (baseline=compile, issue 15);
-#   scale (2+ GPUs); timing (issue 10 in one call: mission, then coverage)
+#   scale (2+ GPUs); repeats; timing (issue 10 in one call: mission, repeats, then coverage)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -51,7 +51,14 @@ coverage() {  # the same combination as 20 jobs: do the intervals hold from one 
     echo "coverage sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/coverage.log)"
     python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db --label sweep | tail -3
 }
-timing() { mission; coverage; }  # issue 10's evidence in one call (one GPU)
+repeats() {  # the issue's own command, default settings: 5 repeats at each length (sweep runs each length's back to back)
+    python3 -m sweep -m seed=1,2,3,4,5 kernels=rms prompt.length=118,8192 tracking.uri=sqlite:///$OUT/repeats.db \
+        > $OUT/repeats.log 2>&1
+    echo "repeats sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/repeats.log)"
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/repeats.db --label sweep | tail -3
+}
+
+timing() { mission; repeats; coverage; }  # issue 10's evidence in one call (one GPU)
 
 accuracy() {
     python3 -m sweep -m dtype=bf16,fp16,fp32 kernels=rms,silu prompt.length=118,8192 tracking.uri=$store \

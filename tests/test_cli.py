@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,9 +164,41 @@ main()
 """
 
 
-def _count_compositions(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "count_compositions.py"
-    script.write_text(COUNT_COMPOSITIONS)
+COUNT_COLLECTED = """
+import atexit, gc, sys
+collect, scanned = gc.collect, []
+def counted(*args, **kwargs):
+    scanned.append(len(gc.get_objects()))  # what a collection scans: the tracked objects not frozen
+    return collect(*args, **kwargs)
+gc.collect = counted
+atexit.register(lambda: print(f"collections: {len(scanned)}, most scanned: {max(scanned, default=0)}, "
+                              f"frozen: {gc.get_freeze_count()}", file=sys.stderr))
+sys.argv[0] = "sweep"
+from sweep.__main__ import main
+main()
+"""
+
+
+RECORD_DRAWS = """
+import atexit, sys, threading, torch
+from transformers import AutoModelForCausalLM
+build, draws = AutoModelForCausalLM.from_config, []
+def recorded(config, **kwargs):
+    if kwargs.get("dtype") == torch.float32 and str(torch.get_default_device()) != "meta":
+        draws.append(threading.current_thread().name)
+    return build(config, **kwargs)
+AutoModelForCausalLM.from_config = recorded
+atexit.register(lambda: print(f"float32 draws: {draws}", file=sys.stderr))
+sys.argv[0] = "sweep"
+from sweep.__main__ import main
+main()
+"""
+
+
+def _run_instrumented(tmp_path: Path, script_text: str, *overrides: str) -> subprocess.CompletedProcess:
+    """The 4-job multirun `dtype=bf16,fp32 kernels=rms,silu` under `script_text`, which reports on stderr."""
+    script = tmp_path / "instrumented.py"
+    script.write_text(script_text)
     done = subprocess.run(
         [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick", *overrides,
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
@@ -181,14 +214,46 @@ def _count_compositions(tmp_path: Path, *overrides: str) -> subprocess.Completed
 def test_a_multirun_composes_each_job_once(tmp_path):
     """In sweep's check of every job before any runs; the launch takes that configuration. Hydra's basic sweeper and
     launcher would compose every job twice more (`validate_batch_is_legal`, then the launch), 0.1 to 0.25 s a job."""
-    done = _count_compositions(tmp_path)
+    done = _run_instrumented(tmp_path, COUNT_COMPOSITIONS)
     assert "compositions: 4, left untaken: 0" in done.stderr, done.stderr[-2000:]
 
 
 def test_under_another_sweeper_no_composed_configuration_waits_for_a_launch(tmp_path):
     """Hydra's own basic sweeper composes each job itself: the check's configurations are not kept for it."""
-    done = _count_compositions(tmp_path, "hydra/sweeper=basic")
+    done = _run_instrumented(tmp_path, COUNT_COMPOSITIONS, "hydra/sweeper=basic")
     assert "compositions: 12, left untaken: 0" in done.stderr, done.stderr[-2000:]
+
+
+def test_each_jobs_garbage_collection_scans_only_what_jobs_made(tmp_path):
+    """Each job ends with a full collection. Start-up's objects (torch, transformers, MLflow: over 100,000) are
+    frozen before the first job, so a job's collection scans a small part of them (it took 0.25 to 0.35 s a job)."""
+    done = _run_instrumented(tmp_path, COUNT_COLLECTED)
+    report = re.search(r"collections: (\d+), most scanned: (\d+), frozen: (\d+)", done.stderr)
+    assert report, done.stderr[-2000:]
+    collections, most_scanned, frozen = map(int, report.groups())
+    assert collections >= 4
+    assert frozen > 100_000
+    assert most_scanned < frozen // 4
+
+
+def test_repeats_and_kernel_subsets_of_one_shape_run_back_to_back(tmp_path):
+    """Whatever the command line's order, `seed` and `kernels` vary fastest: Hydra's basic sweeper would alternate
+    the prompt lengths here, each job then timed right after another length's."""
+    done = run_sweep(tmp_path, "-m", "seed=1,2", "kernels=rms,silu", "prompt.length=16,24", "timing=quick")
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    _, _, children = child_runs(tmp_path)
+    ran = [(run.data.params["prompt_len"], run.data.params["kernels"])
+           for run in sorted(children, key=lambda run: run.info.start_time)]
+    assert ran == [("16", "rms"), ("16", "silu")] * 2 + [("24", "rms"), ("24", "silu")] * 2
+
+
+def test_the_first_model_is_drawn_while_the_store_opens_and_once_for_both_dtypes(tmp_path):
+    """tiny-llama's float32 weights are drawn on the host in a thread started once the jobs are checked, while the
+    store opens; the fp32 jobs cast a copy of the same draw."""
+    done = _run_instrumented(tmp_path, RECORD_DRAWS)
+    assert "float32 draws: ['sweep-model-draw']" in done.stderr, done.stderr[-2000:]
+    _, parents, _ = child_runs(tmp_path)
+    assert parents[0].data.metrics["startup_s_model_draw"] > 0
 
 
 def test_a_job_that_does_not_compose_still_refuses_the_sweep(tmp_path):

@@ -25,7 +25,7 @@ from .session import (
     end_unfinished_session,
     session_was_opened,
 )
-from .startup import milestone, wait_for_cuda
+from .startup import freeze_startup_objects, milestone, wait_for_cuda
 from .validation import override_problems
 from .workers import keep_this_worker
 
@@ -59,6 +59,7 @@ def sweep_job(cfg: DictConfig) -> None:
         started = result
         run_id = session.start(started, key)
         wait_for_cuda()  # started in the background at the sweep's start (sweep/startup.py)
+        freeze_startup_objects()
         milestone("first_job")
         with sigterm_raises():
             try:

@@ -25,8 +25,9 @@ def _row(tokenizer: object, cfg: PromptConfig, shift: int) -> torch.Tensor:
     bos = getattr(tokenizer, "bos_token_id", None)
     body_length = cfg.length - (1 if bos is not None else 0)
     if isinstance(tokenizer, UTF8Tokenizer):
-        # UTF8Tokenizer returns lists unless padding=True; it adds EOS with special tokens, so add BOS by hand.
-        body = tokenizer([text], add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"][0]
+        # UTF8Tokenizer gives one tensor per text (unpadded: where numba is installed its padding JIT-compiles on first
+        # use, 0.7 s); it adds EOS with special tokens, so BOS is added by hand.
+        body = tokenizer([text], add_special_tokens=False)["input_ids"][0]
     else:
         body = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     if body.numel() == 0 and body_length > 0:

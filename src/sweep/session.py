@@ -24,7 +24,7 @@ from .models import ModelCache
 from .redaction import redact_uri
 from .results import JobResult, RunStatus
 from .spool import Spool, SpoolError
-from .startup import milestone, start_cuda_in_background, startup_metrics
+from .startup import draw_model_in_background, milestone, start_cuda_in_background, startup_metrics
 from .summary import sweep_tables
 from .sync import Delivery
 from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
@@ -245,7 +245,8 @@ def _tracking(cfg: DictConfig) -> TrackingConfig:
 
 
 def _job_overrides(config: DictConfig) -> list[list[str]]:
-    """The overrides of every job of a multirun, as Hydra's basic sweeper will launch them."""
+    """The overrides of every job of a multirun, as Hydra's basic sweeper will launch them (sweep's own launches
+    the same jobs in another order)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     overrides = _parse_overrides(list(config.hydra.overrides.task))
@@ -312,12 +313,13 @@ class SweepLifecycle(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         start_cuda_in_background()
-        self._open(config, [("", config)])
+        self._open(config, [("", config)], jobs_here=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _jobs_run_here(config):
+        jobs_here = _jobs_run_here(config)
+        if jobs_here:
             start_cuda_in_background()
-        self._open(config, _compose_jobs(config, for_launch=_launch_takes_composed(config)))
+        self._open(config, _compose_jobs(config, for_launch=_launch_takes_composed(config)), jobs_here)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         close_session()
@@ -326,8 +328,9 @@ class SweepLifecycle(Callback):
         close_session()
 
     @staticmethod
-    def _open(config: DictConfig, jobs: list[tuple[str, DictConfig | Exception]]) -> None:
-        """Refuses (exit 2, nothing written to the store) a sweep with any invalid job, before any GPU work."""
+    def _open(config: DictConfig, jobs: list[tuple[str, DictConfig | Exception]], jobs_here: bool) -> None:
+        """Refuses (exit 2, nothing written to the store) a sweep with any invalid job, before any GPU work.
+        `jobs_here`: this process runs the jobs, and draws the first one's model while the store opens."""
         global _current, _opened
         errors = Console(stderr=True, soft_wrap=True)
         problems = validate_jobs(jobs)
@@ -337,6 +340,8 @@ class SweepLifecycle(Callback):
             for problem in problems:
                 errors.print(f"  - {problem}", markup=False)
             raise SystemExit(EXIT_REFUSED)
+        if jobs_here:
+            draw_model_in_background(jobs[0][1].model)
         try:
             _current = SweepSession(_tracking(config), name=_sweep_name(config), total_jobs=len(jobs),
                                     swept_keys=_swept_keys(config))
