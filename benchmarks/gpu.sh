@@ -49,13 +49,13 @@ coverage() {  # the same combination as 20 jobs: do the intervals hold from one 
     python3 -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 \
         numerics.per_layer=false tracking.uri=sqlite:///$OUT/coverage.db > $OUT/coverage.log 2>&1
     echo "coverage sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/coverage.log)"
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db --label sweep | tail -3
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db --label sweep 2>&1 | grep "^|\|rerun spread"
 }
 repeats() {  # the issue's own command, default settings: 5 repeats at each length (sweep runs each length's back to back)
     python3 -m sweep -m seed=1,2,3,4,5 kernels=rms prompt.length=118,8192 tracking.uri=sqlite:///$OUT/repeats.db \
         > $OUT/repeats.log 2>&1
     echo "repeats sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/repeats.log)"
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/repeats.db --label sweep | tail -3
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/repeats.db --label sweep 2>&1 | grep "^|\|rerun spread"
 }
 
 timing() { mission; repeats; coverage; }  # issue 10's evidence in one call (one GPU)
