@@ -45,17 +45,21 @@ mission() {  # the original report's table. Wall time from process start to the 
     python3 benchmarks/phases.py --importtime $OUT/importtime.txt
 }
 
+store_precision() {  # the precision table of the jobs in $OUT/$1.db, and the rerun spread they show
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/$1.db --label sweep 2>&1 | grep "^|\|rerun spread"
+}
+
 coverage() {  # the same combination as 20 jobs: do the intervals hold from one job to the next?
     python3 -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 \
         numerics.per_layer=false tracking.uri=sqlite:///$OUT/coverage.db > $OUT/coverage.log 2>&1
     echo "coverage sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/coverage.log)"
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/coverage.db --label sweep 2>&1 | grep "^|\|rerun spread"
+    store_precision coverage
 }
 repeats() {  # the issue's own command, default settings: 5 repeats at each length (sweep runs each length's back to back)
     python3 -m sweep -m seed=1,2,3,4,5 kernels=rms prompt.length=118,8192 tracking.uri=sqlite:///$OUT/repeats.db \
         > $OUT/repeats.log 2>&1
     echo "repeats sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/repeats.log)"
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/repeats.db --label sweep 2>&1 | grep "^|\|rerun spread"
+    store_precision repeats
 }
 
 timing() { mission; repeats; coverage; }  # issue 10's evidence in one call (one GPU)

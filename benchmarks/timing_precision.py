@@ -152,9 +152,10 @@ def main() -> None:
     switch = KernelSwitch.apply(model, kernels, device)
     print(f"kernelized: {switch.replaced}  gpu: {torch.cuda.get_device_name()}")
 
-    heavy_prompt = OmegaConf.merge(cfg.prompt, {"length": 8192})
-    heavy = prompt_inputs(loaded.tokenizer, heavy_prompt, 1, device)[0]
-    between = ", after other work" if args.between_jobs else ""
+    between = ""
+    if args.between_jobs:
+        heavy = prompt_inputs(loaded.tokenizer, OmegaConf.merge(cfg.prompt, {"length": 8192}), 1, device)[0]
+        between = ", after other work"
     rows = []
     for length in args.lengths:
         cfg.prompt.length = length

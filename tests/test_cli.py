@@ -145,7 +145,7 @@ def test_unreachable_tracking_server_stops_the_sweep_at_once(tmp_path):
     assert "cannot reach MLflow server http://127.0.0.1:9" in done.stderr + done.stdout
 
 
-# Runs `python -m sweep` with Hydra's composition of a job's configuration counted.
+# Instrumentation run before `python -m sweep` (`_run_instrumented`); each reports on stderr at exit.
 COUNT_COMPOSITIONS = """
 import atexit, sys
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -158,9 +158,6 @@ def report():
     from sweep.session import _composed_for_launch
     print(f"compositions: {len(calls)}, left untaken: {len(_composed_for_launch)}", file=sys.stderr)
 atexit.register(report)
-sys.argv[0] = "sweep"
-from sweep.__main__ import main
-main()
 """
 
 
@@ -173,9 +170,6 @@ def counted(*args, **kwargs):
 gc.collect = counted
 atexit.register(lambda: print(f"collections: {len(scanned)}, most scanned: {max(scanned, default=0)}, "
                               f"frozen: {gc.get_freeze_count()}", file=sys.stderr))
-sys.argv[0] = "sweep"
-from sweep.__main__ import main
-main()
 """
 
 
@@ -189,16 +183,13 @@ def recorded(config, **kwargs):
     return build(config, **kwargs)
 AutoModelForCausalLM.from_config = recorded
 atexit.register(lambda: print(f"float32 draws: {draws}", file=sys.stderr))
-sys.argv[0] = "sweep"
-from sweep.__main__ import main
-main()
 """
 
 
 def _run_instrumented(tmp_path: Path, script_text: str, *overrides: str) -> subprocess.CompletedProcess:
-    """The 4-job multirun `dtype=bf16,fp32 kernels=rms,silu` under `script_text`, which reports on stderr."""
+    """The 4-job multirun `dtype=bf16,fp32 kernels=rms,silu`, run in-process after `script_text`."""
     script = tmp_path / "instrumented.py"
-    script.write_text(script_text)
+    script.write_text(script_text + 'sys.argv[0] = "sweep"\nfrom sweep.__main__ import main\nmain()\n')
     done = subprocess.run(
         [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick", *overrides,
          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
