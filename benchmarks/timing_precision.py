@@ -37,13 +37,14 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from sweep.__main__ import CONFIG_DIR
-from sweep.config import TimingConfig, kernel_selection, register_configs
-from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.models import load_model, torch_dtype
-from sweep.numerics import forward_logits
-from sweep.prompts import prompt_inputs
-from sweep.statistics import SpeedupEstimate, calibrate_rerun_sd
-from sweep.timing import GraphPlacement, GraphRunner, timed_rounds
+from sweep.config import TimingConfig, kernel_selection
+from sweep.measure.kernelization import KernelSwitch, resolve_kernel
+from sweep.measure.models import load_model, torch_dtype
+from sweep.measure.numerics import forward_logits
+from sweep.measure.prompts import prompt_inputs
+from sweep.measure.statistics import SpeedupEstimate, calibrate_rerun_sd
+from sweep.measure.timing import GraphPlacement, GraphRunner, timed_rounds
+from sweep.run.registration import register_configs
 
 Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
 

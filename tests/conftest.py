@@ -26,7 +26,7 @@ from kernel_repos import (  # noqa: E402
 )
 
 from sweep.__main__ import CONFIG_DIR  # noqa: E402
-from sweep.models import ModelCache  # noqa: E402
+from sweep.measure.models import ModelCache  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_PROMPT = ["prompt.length=40", "timing=quick", "numerics.gen_tokens=8"]

@@ -155,7 +155,7 @@ def counted(self, *args, **kwargs):
     return compose(self, *args, **kwargs)
 ConfigLoaderImpl.load_sweep_config = counted
 def report():
-    from sweep.session import _composed_for_launch
+    from sweep.run.session import _composed_for_launch
     print(f"compositions: {len(calls)}, left untaken: {len(_composed_for_launch)}", file=sys.stderr)
 atexit.register(report)
 """

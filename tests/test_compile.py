@@ -11,10 +11,10 @@ from kernel_repos import EXACT_RMSNORM, EXACT_SILU, write_kernel_repo
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from test_cli import child_runs, run_sweep
 
-from sweep import report
-from sweep.comparison import compile_tables, headline
-from sweep.job import job_name, run_job
-from sweep.results import RunStatus
+from sweep.records.results import RunStatus
+from sweep.run.job import job_name, run_job
+from sweep.views import report
+from sweep.views.comparison import compile_tables, headline
 
 # One small layer: inductor compiles it on the CPU in seconds.
 SMALL = ["model.architecture.num_hidden_layers=1", "model.architecture.hidden_size=64",
@@ -206,7 +206,7 @@ def test_a_triton_kernel_torch_compile_cannot_analyse_is_named():
 
     import torch._higher_order_ops.triton_kernel_wrap as triton_kernel_wrap
 
-    from sweep.compilation import TRITON_ANALYSIS_FAILED, triton_analysis_failures, triton_analysis_note
+    from sweep.measure.compilation import TRITON_ANALYSIS_FAILED, triton_analysis_failures, triton_analysis_note
 
     assert TRITON_ANALYSIS_FAILED in inspect.getsource(triton_kernel_wrap)  # torch's wording, as installed
     logger = logging.getLogger("torch._dynamo")

@@ -13,12 +13,13 @@ from conftest import SHORT_PROMPT, local_kernel
 from mlflow.tracking import MlflowClient
 
 from sweep.config import TrackingConfig
-from sweep.forensics import distribution_metrics, generation_agreement
-from sweep.job import run_job
-from sweep.numerics import compare_outputs, ulp_distance
-from sweep.results import JobResult, RunStatus
-from sweep.summary import format_number as summary_number
-from sweep.tracking import Tracker
+from sweep.measure.forensics import distribution_metrics, generation_agreement
+from sweep.measure.numerics import compare_outputs, ulp_distance
+from sweep.records.results import JobResult, RunStatus
+from sweep.run.job import run_job
+from sweep.store.tracking import Tracker
+from sweep.views.summary import format_number as summary_number
+from sweep.views.summary import job_description
 
 
 def _rows(result) -> list[dict[str, str]]:
@@ -63,7 +64,8 @@ def test_layer_table_and_plot_land_in_mlflow(make_config, models, kernel_repos, 
     cfg = make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
                       *local_kernel("RMSNorm", kernel_repos["low_rms"], "LowRMSNorm"))
     result = run_job(cfg, models)
-    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")))
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")),
+                      describe=job_description)
     run_id = tracker.log_job(tracker.start_sweep("t", {}), result)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
     assert {a.path for a in client.list_artifacts(run_id, "layers")} == {"layers/layers.csv", "layers/layers.png"}
@@ -82,7 +84,8 @@ def test_layer_table_and_plot_land_in_mlflow(make_config, models, kernel_repos, 
 
 def test_infinite_ratio_is_stored_as_mlflows_inf_and_named_in_a_tag(tmp_path):
     result = JobResult(name="inf", params={}, metrics={"err_ratio": math.inf, "kl_div": math.nan, "speedup": 1.5})
-    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")))
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_root=str(tmp_path / "art")),
+                      describe=job_description)
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db").get_run(
         tracker.log_job(tracker.start_sweep("t", {}), result))
     assert run.data.metrics["err_ratio"] == sys.float_info.max  # MLflow's stand-in for +inf
@@ -139,7 +142,7 @@ def test_ulp_of_a_logit_near_zero_counts_at_the_logits_usual_magnitude():
 def test_float64_reference_does_not_fall_back_to_float32_inside_rmsnorm():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from sweep.numerics import KeepPrecision
+    from sweep.measure.numerics import KeepPrecision
 
     norm = LlamaRMSNorm(64).double()
     torch.nn.init.normal_(norm.weight)

@@ -7,11 +7,11 @@ import torch
 from conftest import gpu, load_bundled_silu
 
 from sweep.config import kernel_selection
-from sweep.job import run_job
-from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.numerics import forward_logits
-from sweep.results import RunStatus
-from sweep.timing import GraphPlacement, GraphRunner
+from sweep.measure.kernelization import KernelSwitch, resolve_kernel
+from sweep.measure.numerics import forward_logits
+from sweep.measure.timing import GraphPlacement, GraphRunner
+from sweep.records.results import RunStatus
+from sweep.run.job import run_job
 
 pytestmark = [pytest.mark.gpu, gpu]
 

@@ -12,14 +12,15 @@ from conftest import SHORT_PROMPT, local_kernel
 from kernel_repos import write_kernel_repo
 
 from sweep.config import KernelSourceMode, KernelSpec, TimingMode
-from sweep.forensics import greedy_tokens
-from sweep.job import _runners, run_job
-from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.models import GenerationKey, ModelCache, ReferenceKey
-from sweep.numerics import forward_logits
-from sweep.prompts import prompt_inputs
-from sweep.results import JobResult, RunStatus
-from sweep.workloads import JobState, workload
+from sweep.measure.forensics import greedy_tokens
+from sweep.measure.kernelization import KernelSwitch, resolve_kernel
+from sweep.measure.models import GenerationKey, ModelCache, ReferenceKey
+from sweep.measure.numerics import forward_logits
+from sweep.measure.prompts import prompt_inputs
+from sweep.measure.workloads import workload
+from sweep.measure.workloads.protocol import JobState
+from sweep.records.results import JobResult, RunStatus
+from sweep.run.job import _runners, run_job
 
 
 def test_exact_rmsnorm_replaces_all_nine_and_changes_nothing(make_config, models, kernel_repos):

@@ -8,10 +8,10 @@ import torch
 from conftest import HUB_COMMIT, SHORT_PROMPT, local_kernel, offline_hub_job
 from kernel_repos import EXACT_RMSNORM, write_kernel_repo
 
-from sweep import kernelization
-from sweep.job import run_job
-from sweep.kernelization import KernelRepository
-from sweep.results import RunStatus
+from sweep.measure import kernelization
+from sweep.measure.kernelization import KernelRepository
+from sweep.records.results import RunStatus
+from sweep.run.job import run_job
 
 MISSING_PACKAGE_KERNEL = "import not_installed_pkg_for_sweep_tests\n"
 

@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sweep.config import ModelConfig
-from sweep.models import load_model
-from sweep.numerics import forward_logits, reference_logits
-from sweep.workloads import workload
+from sweep.measure.models import load_model
+from sweep.measure.numerics import forward_logits, reference_logits
+from sweep.measure.workloads import workload
 
 SMALL_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=256, bos_token_id=2, eos_token_id=3)

@@ -1,4 +1,4 @@
-"""sweep.report against two real sqlite MLflow stores holding synthetic sweeps."""
+"""`python -m sweep.report` and sweep.views.report against two real sqlite MLflow stores holding synthetic sweeps."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from sweep.report import FINGERPRINT, latest_runs, load_runs, main, speedup_pivot
+from sweep.report import main
+from sweep.views.report import FINGERPRINT, latest_runs, load_runs, speedup_pivot
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"

@@ -27,8 +27,9 @@ from test_server import LOCAL_ENV, PROXY_VARIABLES, mlflow_server
 
 from sweep.__main__ import CONFIG_DIR
 from sweep.config import TrackingConfig
-from sweep.lease import worker_count
-from sweep.tracking import Tracker
+from sweep.run.lease import worker_count
+from sweep.store.tracking import Tracker
+from sweep.views.summary import job_description
 
 # Four quick jobs without kernels: they run on any machine (the CPU-kernel repositories need a CPU build of torch).
 FOUR_JOBS = ["dtype=fp32,bf16", "kernels=none", "prompt.length=24,32", "timing=quick", "numerics.gen_tokens=2"]
@@ -76,7 +77,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 LEASE_HOLDER = textwrap.dedent("""
     import sys, time
     from sweep.config import LeaseConfig
-    from sweep.lease import gpu_lease
+    from sweep.run.lease import gpu_lease
     devices, lock_dir, hold_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     with gpu_lease(LeaseConfig(devices=devices, lock_dir=lock_dir, poll_s=0.02),
                    waiting=lambda note: print("waiting:", note, flush=True)) as device:
@@ -131,7 +132,7 @@ def test_a_lease_is_released_when_its_holder_is_killed_with_sigkill(tmp_path):
 LEASE_TWICE = textwrap.dedent("""
     import sys
     from sweep.config import LeaseConfig
-    from sweep.lease import gpu_lease
+    from sweep.run.lease import gpu_lease
     config = LeaseConfig(devices=2, lock_dir=sys.argv[1], poll_s=0.02)
     for _ in range(2):
         with gpu_lease(config, waiting=lambda note: print("waiting:", note, flush=True)) as device:
@@ -170,10 +171,10 @@ def test_a_process_waits_for_its_own_device_while_another_is_free(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from sweep.config import TrackingConfig
-    from sweep.results import JobResult
-    from sweep.tracking import Tracker
+    from sweep.records.results import JobResult
+    from sweep.store.tracking import Tracker
     uri, artifacts, sweep_id, worker, jobs = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5])]
-    tracker = Tracker(TrackingConfig(uri=uri, artifact_root=artifacts))
+    tracker = Tracker(TrackingConfig(uri=uri, artifact_root=artifacts), describe=job_description)
     for job in range(jobs):
         result = JobResult(name=f"worker {worker} job {job}", params={"worker": str(worker), "job": str(job)},
                            metrics={f"metric_{k}": float(k + job) for k in range(40)},
@@ -193,7 +194,8 @@ def store(request, tmp_path) -> str:
 
 
 def test_four_writers_at_once_lose_nothing(store, tmp_path):
-    tracker = Tracker(TrackingConfig(uri=store, artifact_root=str(tmp_path / "artifacts")))  # creates the store
+    tracker = Tracker(TrackingConfig(uri=store, artifact_root=str(tmp_path / "artifacts")),
+                      describe=job_description)  # creates the store
     sweep_id = tracker.start_sweep("writers", tags={})
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, store, str(tmp_path / "artifacts"), sweep_id,
                                  str(worker), "10"], env=LOCAL_ENV, stderr=subprocess.PIPE, text=True)

@@ -25,10 +25,11 @@ import pytest
 from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
 
-from sweep import report
 from sweep.config import TrackingConfig
-from sweep.results import JobResult, RunStatus
-from sweep.tracking import Tracker
+from sweep.records.results import JobResult, RunStatus
+from sweep.store.tracking import Tracker
+from sweep.views import report
+from sweep.views.summary import job_description
 
 HEALTH_TIMEOUT_S = 60
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -333,7 +334,8 @@ def test_new_runs_in_a_copied_sqlite_store_write_artifacts_to_the_old_path(carri
     run's artifacts go to the old absolute path, recreated silently."""
     copy = tmp_path / "runs"
     shutil.copytree(carried_store.new, copy)
-    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{copy}/mlflow.db", artifact_root=str(copy / "artifacts")))
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{copy}/mlflow.db", artifact_root=str(copy / "artifacts")),
+                      describe=job_description)
     sweep_id = tracker.start_sweep("into the copy", tags={})
     result = JobResult(name="fp32 none T=40", params={"kernels": "none"}, status=RunStatus.skipped)
     result.artifacts["config.yaml"] = "kernels: none\n"

@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
 from sweep.config import PromptConfig
-from sweep.job import run_job
-from sweep.prompts import prompt_inputs
-from sweep.results import RunStatus
+from sweep.measure.prompts import prompt_inputs
+from sweep.records.results import RunStatus
+from sweep.run.job import run_job
 
 
 def test_hub_kernel_from_the_local_hub_cache(tmp_path, kernel_repos):

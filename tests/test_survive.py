@@ -18,11 +18,11 @@ from mlflow.tracking import MlflowClient
 from test_server import LOCAL_ENV
 
 from sweep.config import TrackingConfig
-from sweep.job import run_job
-from sweep.kernelization import kernel_layers
-from sweep.models import ModelCache
-from sweep.results import SCHEMA_VERSION, JobResult, RunStatus
-from sweep.tracking import worst_case_request_wait_s
+from sweep.measure.kernelization import kernel_layers
+from sweep.measure.models import ModelCache
+from sweep.records.results import SCHEMA_VERSION, JobResult, RunStatus
+from sweep.run.job import run_job
+from sweep.store.tracking import worst_case_request_wait_s
 
 # A 4-layer Llama as thin as possible: 9 RMSNorms and 4 SiLUs like tiny-llama, a fraction of its time.
 THIN_MODEL = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
@@ -116,8 +116,8 @@ def test_out_of_memory_in_a_kernel_fails_its_job_and_the_next_job_measures(make_
     assert_pristine(models, cfg)
 
 
-@pytest.mark.parametrize(("target", "phase"), [("sweep.models.load_model", "load"),
-                                               ("sweep.workloads.prefill.reference_logits", "reference")])
+@pytest.mark.parametrize(("target", "phase"), [("sweep.measure.models.load_model", "load"),
+                                               ("sweep.measure.workloads.prefill.reference_logits", "reference")])
 def test_out_of_memory_while_loading_or_in_the_reference_names_the_phase(make_config, monkeypatch, target, phase):
     """Fault injection: the model loader or the reference forward raises torch's out-of-memory error (the GPU
     evidence provokes it for real)."""
@@ -274,7 +274,7 @@ def test_trusting_remote_code_is_per_layer_opt_in_passed_to_kernels_and_recorded
     from huggingface_hub import constants as hub_constants
 
     from sweep.config import KernelSourceMode, kernel_selection
-    from sweep.kernelization import resolve_kernel
+    from sweep.measure.kernelization import resolve_kernel
 
     cache_hub_kernel(tmp_path / "hub", "someone/untrusted-rms", kernel_repos["exact_rms"], "v1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)

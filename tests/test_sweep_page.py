@@ -17,17 +17,18 @@ from rich.console import Console
 from test_cli import child_runs, run_sweep
 
 from sweep.config import TrackingConfig
-from sweep.results import JobResult, RunStatus
-from sweep.session import SweepSession
-from sweep.sweep_page import CHART, RESULTS_CSV, Links, sweep_page
-from sweep.tracking import DESCRIPTION_LIMIT, Tracker
+from sweep.records.results import JobResult, RunStatus
+from sweep.run.session import SweepSession
+from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
+from sweep.views.summary import job_description
+from sweep.views.sweep_page import CHART, RESULTS_CSV, Links, sweep_page
 
 # A job logged by another process, as a local worker or a Slurm task would: the session never sees its result.
 LOG_JOB_ELSEWHERE = textwrap.dedent("""
     import sys
     from sweep.config import TrackingConfig
-    from sweep.results import JobResult
-    from sweep.tracking import Tracker
+    from sweep.records.results import JobResult
+    from sweep.store.tracking import Tracker
 
     uri, artifacts, sweep_id = sys.argv[1:]
     result = JobResult(
@@ -38,7 +39,7 @@ LOG_JOB_ELSEWHERE = textwrap.dedent("""
                  "speedup_ci_high": 1.3, "speedup_significant": 1.0, "max_abs_diff": 0.0625, "argmax_match": 1.0,
                  "err_ratio": 1.004},
         tags={"gpu_name": "cpu"})
-    Tracker(TrackingConfig(uri=uri, artifact_root=artifacts)).log_job(sweep_id, result)
+    Tracker(TrackingConfig(uri=uri, artifact_root=artifacts), describe=job_description).log_job(sweep_id, result)
 """)
 
 
@@ -77,7 +78,8 @@ def test_the_end_of_sweep_tables_and_the_parent_run_come_from_the_store(tmp_path
 
 
 def test_a_long_sweep_description_is_cut_to_what_mlflow_accepts(tmp_path):
-    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a")))
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a")),
+                      describe=job_description)
     sweep_id = tracker.start_sweep("long", tags={})
     jobs = {f"run{i:03d}": JobResult(
         name=f"bf16 rms T={i}", status=RunStatus.skipped, reason="no build of the kernel for cpu " * 3,

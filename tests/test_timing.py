@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sweep.config import TimingConfig
-from sweep.statistics import SpeedupEstimate, blocked_speedup, calibrate_rerun_sd, t_quantile
-from sweep.timing import replay_accepted, timed_rounds, timed_sides
+from sweep.measure.statistics import SpeedupEstimate, blocked_speedup, calibrate_rerun_sd, t_quantile
+from sweep.measure.timing import replay_accepted, timed_rounds, timed_sides
 
 
 def _blocks(n_blocks: int, rounds: int) -> list[int]:

@@ -4,8 +4,8 @@ write; a smaller Llama than tiny-llama keeps backward passes fast."""
 from __future__ import annotations
 
 import copy
-import gc
 import csv
+import gc
 import io
 import os
 import subprocess
@@ -18,12 +18,12 @@ import torch
 from conftest import SHORT_PROMPT, local_kernel
 
 from sweep.config import KernelSourceMode, KernelSpec
-from sweep.job import job_name, run_job
-from sweep.kernelization import KernelSwitch, resolve_kernel
-from sweep.numerics import forward_logits
-from sweep.results import RunStatus
-from sweep.workloads.decode import DecodeStep
-from sweep.workloads.train import Train, trainable
+from sweep.measure.kernelization import KernelSwitch, resolve_kernel
+from sweep.measure.numerics import forward_logits
+from sweep.measure.workloads.decode import DecodeStep
+from sweep.measure.workloads.train import Train, trainable
+from sweep.records.results import RunStatus
+from sweep.run.job import job_name, run_job
 
 SMALL_LLAMA = ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=512",
                "model.architecture.num_attention_heads=4", "model.architecture.num_key_value_heads=4"]

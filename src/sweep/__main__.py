@@ -11,23 +11,23 @@ import hydra
 from omegaconf import DictConfig
 from rich.markup import escape
 
-from .config import register_configs
-from .exit_codes import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
-from .interruption import Terminated, describe, sigterm_raises
-from .job import context_lost_result, job_name, job_params, plan_job, run_job
-from .lease import gpu_lease
-from .results import JobResult
-from .resume import job_key
-from .session import (
+from sweep.records.exit_codes import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
+from sweep.records.results import JobResult
+from sweep.run.interruption import Terminated, describe, sigterm_raises
+from sweep.run.job import context_lost_result, job_name, job_params, plan_job, run_job
+from sweep.run.lease import gpu_lease
+from sweep.run.registration import register_configs
+from sweep.run.resume import job_key
+from sweep.run.session import (
     abort_session,
     close_session,
     current_session,
     end_unfinished_session,
     session_was_opened,
 )
-from .startup import freeze_startup_objects, milestone, wait_for_cuda
-from .validation import override_problems
-from .workers import keep_this_worker
+from sweep.run.startup import freeze_startup_objects, milestone, wait_for_cuda
+from sweep.run.validation import override_problems
+from sweep.run.workers import keep_this_worker
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 

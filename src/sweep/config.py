@@ -1,4 +1,5 @@
-"""Typed structured configs, registered with Hydra's ConfigStore so a typo fails at start-up."""
+"""Typed structured configs, registered with Hydra's ConfigStore (by `run/registration.py`) so a typo fails at
+start-up. Imports nothing of the package."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -214,14 +214,3 @@ def kernel_selection(kernels: DictConfig | dict[str, Any]) -> KernelsSelection:
             raise ValueError(f"kernels.{layer} needs one of path, repo_id or bundled")
         specs[str(layer)] = spec
     return KernelsSelection(name=str(node.get("name", "custom")), source=source_mode, specs=specs)
-
-
-def register_configs() -> None:
-    from .lease import worker_count
-    from .workloads import register_workload_configs  # the workloads import this module
-
-    store = ConfigStore.instance()
-    store.store(name="sweep_schema", node=SweepConfig)
-    register_workload_configs(store)
-    # conf/hydra/launcher/parallel.yaml: one local worker per leasable device.
-    OmegaConf.register_new_resolver("sweep_workers", worker_count, replace=True)

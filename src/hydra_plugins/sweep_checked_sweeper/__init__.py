@@ -30,7 +30,7 @@ VARIED_FASTEST = ("seed", "kernels")
 
 
 class CheckedSweeper(BasicSweeper):
-    """`BasicSweeper`, whose batches `sweep.session.SweepLifecycle` has already composed and checked."""
+    """`BasicSweeper`, whose batches `sweep.run.session.SweepLifecycle` has already composed and checked."""
 
     @staticmethod
     def split_arguments(overrides: List[Override], max_batch_size: Optional[int]) -> List[List[List[str]]]:
@@ -63,7 +63,7 @@ class ComposedOnce:
         self.loader = loader
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
-        from sweep.session import composed_job
+        from sweep.run.session import composed_job
 
         composed = composed_job(sweep_overrides)
         if composed is None:

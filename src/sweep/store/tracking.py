@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -16,10 +17,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-from .config import TrackingConfig
-from .redaction import redact_mapping, redact_text, redact_uri
-from .results import JobResult, RunStatus
-from .summary import job_description
+from sweep.config import TrackingConfig
+from sweep.records.redaction import redact_mapping, redact_text, redact_uri
+from sweep.records.results import JobResult, RunStatus
 
 # MLflow's UI opens an experiment on its GenAI pages unless told it holds model-training runs. MLflow 3.17 reads
 # that from the page URL (`workflowType`, a switch in the sidebar); earlier 3.x UIs read this experiment tag.
@@ -70,7 +70,10 @@ def check_server_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 
 class Tracker:
-    def __init__(self, cfg: TrackingConfig):
+    """`describe`: a job's result in one line, the child run's description (the views layer writes it)."""
+
+    def __init__(self, cfg: TrackingConfig, describe: Callable[[JobResult], str]):
+        self.describe = describe
         configure_http_retries(cfg)
         check_server_reachable(cfg.uri)
         _ensure_sqlite_folder(cfg.uri)
@@ -165,7 +168,7 @@ class Tracker:
             "sweep_role": "job",
             "run_status": result.status.value,
             "status_reason": redact_text(result.reason)[:5000],
-            MLFLOW_RUN_NOTE: redact_text(job_description(result)),
+            MLFLOW_RUN_NOTE: redact_text(self.describe(result)),
             JOB_UID_TAG: result.uid,
         }
         if run_id is None:

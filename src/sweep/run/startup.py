@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .models import draws_on_host, host_float32_draw
+from sweep.measure.models import draws_on_host, host_float32_draw
 
 _FIRST_IMPORT = time.monotonic()  # where /proc cannot say when the process started
 _milestones: dict[str, float] = {}  # name -> seconds since process start
@@ -73,7 +73,7 @@ def start_cuda_in_background() -> None:
 
 
 def draw_model_in_background(model: DictConfig) -> None:
-    """Draws a random-init model's float32 weights on the host (`sweep.models.host_float32_draw`) in a thread: torch
+    """Draws a random-init model's float32 weights on the host (`models.host_float32_draw`) in a thread: torch
     fills them without holding the GIL, while this thread opens the store. The job that needs them waits for the
     draw; one that failed here is drawn again there, and reports its error."""
     if draws_on_host(model):

@@ -16,10 +16,10 @@ import torch._inductor
 from kernels import Mode
 from torch._dynamo.utils import counters
 
-from .config import BaselineKind, UndeclaredKernels
-from .errors import JobConfigError
-from .kernelization import KernelSwitch, ResolvedKernel
-from .timing import BASELINE, KERNEL, SPEEDUP, Comparison, TimedSide
+from sweep.config import BaselineKind, UndeclaredKernels
+from sweep.measure.kernelization import KernelSwitch, ResolvedKernel
+from sweep.measure.timing import BASELINE, KERNEL, SPEEDUP, Comparison, TimedSide
+from sweep.records.errors import JobConfigError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

@@ -10,8 +10,8 @@ from itertools import groupby
 
 from matplotlib.figure import Figure
 
-from .results import JobResult
-from .summary import configuration, grouped, varying_configuration
+from sweep.records.results import JobResult
+from sweep.views.summary import configuration, grouped, varying_configuration
 
 BAR_WIDTH = 0.8
 GROUP_GAP = 0.8

@@ -15,17 +15,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from transformers import AutoConfig
 
-from .compilation import baseline_problems
-from .config import (
+from sweep.config import (
     KernelSourceMode,
     ModelConfig,
     PromptConfig,
     SweepConfig,
     kernel_selection,
 )
-from .errors import JobConfigError
-from .models import load_tokenizer, torch_dtype
-from .prompts import prompt_inputs
+from sweep.measure.compilation import baseline_problems
+from sweep.measure.models import load_tokenizer, torch_dtype
+from sweep.measure.prompts import prompt_inputs
+from sweep.records.errors import JobConfigError
 
 TOKENIZERS = ("auto", "utf8", "hub")
 INIT_DEVICES = ("cpu", "device")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
-from .config import PromptConfig
-from .errors import JobConfigError
+from sweep.config import PromptConfig
+from sweep.records.errors import JobConfigError
 
 
 def prompt_inputs(tokenizer: object, cfg: PromptConfig, n_sets: int, device: torch.device) -> list[torch.Tensor]:

@@ -31,8 +31,8 @@ from kernels._versions import (
     select_revision_or_version,  # the resolution LayerRepository itself uses
 )
 
-from .config import KernelSourceMode, KernelSpec
-from .errors import JobConfigError, SkipJob
+from sweep.config import KernelSourceMode, KernelSpec
+from sweep.records.errors import JobConfigError, SkipJob
 
 try:  # the HTTP client of huggingface_hub: httpx2 since huggingface_hub 2, httpx before
     from httpx2 import RequestError as HubRequestError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LeaseConfig
+from sweep.config import LeaseConfig
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from statistics import median
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .compilation import baseline_params, check_baseline, compiles
-from .config import (
+from sweep.config import (
     BaselineKind,
     DeviceChoice,
     KernelsSelection,
@@ -24,20 +23,15 @@ from .config import (
     TimingMode,
     kernel_selection,
 )
-from .errors import JobConfigError, SkipJob
-from .failures import FailureKind, classify, out_of_memory_reason
-from .fingerprint import fingerprint
-from .kernelization import (
+from sweep.measure.compilation import baseline_params, check_baseline, compiles
+from sweep.measure.kernelization import (
     KernelSwitch,
     check_kernel_directory,
     check_layers_exist,
     resolve_kernel,
 )
-from .lease import contention_tags
-from .models import ModelCache, ReferenceKey, torch_dtype
-from .redaction import redact_text
-from .results import JobResult, RunStatus
-from .timing import (
+from sweep.measure.models import ModelCache, ReferenceKey, torch_dtype
+from sweep.measure.timing import (
     BASELINE,
     KERNEL,
     SPEEDUP,
@@ -48,7 +42,14 @@ from .timing import (
     Runner,
     timed_sides,
 )
-from .workloads import JobState, Sides, check_baseline_finite, check_kernel_finite, workload
+from sweep.measure.workloads import workload
+from sweep.measure.workloads.protocol import JobState, Sides, check_baseline_finite, check_kernel_finite
+from sweep.records.errors import JobConfigError, SkipJob
+from sweep.records.failures import FailureKind, classify, out_of_memory_reason
+from sweep.records.fingerprint import fingerprint
+from sweep.records.redaction import redact_text
+from sweep.records.results import JobResult, RunStatus
+from sweep.run.lease import contention_tags
 
 StatusHook = Callable[[str], None]
 

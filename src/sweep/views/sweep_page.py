@@ -1,5 +1,5 @@
 """What a sweep's parent run shows in the MLflow UI: a description holding the end-of-sweep tables and the speedup
-chart, and artifacts (the chart, the results as CSV, `sweep.report`'s report), built from the job runs as the
+chart, and artifacts (the chart, the results as CSV, `sweep.views.report`'s report), built from the job runs as the
 store holds them."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import report
-from .charts import speedup_chart
-from .comparison import CAPTION as COMPILE_CAPTION
-from .comparison import HEADER as COMPILE_HEADER
-from .comparison import compile_tables, is_compile_run, job_rows
-from .results import JobResult, RunStatus
-from .summary import (
+from sweep.records.results import JobResult, RunStatus
+from sweep.views import report
+from sweep.views.charts import speedup_chart
+from sweep.views.comparison import CAPTION as COMPILE_CAPTION
+from sweep.views.comparison import HEADER as COMPILE_HEADER
+from sweep.views.comparison import compile_tables, is_compile_run, job_rows
+from sweep.views.summary import (
     ACCURACY_CAPTION,
     ACCURACY_COLUMNS,
     SUMMARY_CAPTION,
@@ -49,7 +49,7 @@ class SweepPage:
 
 def sweep_page(sweep_id: str, jobs: Mapping[str, JobResult], title: str, links: Links, limit: int,
                report_files: Mapping[str, bytes]) -> SweepPage:
-    """`jobs` by run id; `report_files` is `sweep.report`'s output for this sweep, by file name; the description
+    """`jobs` by run id; `report_files` is `sweep.views.report`'s output for this sweep, by file name; the description
     stays within `limit` characters (MLflow's limit for a tag), cutting rows when it must."""
     results = list(jobs.values())
     chart = speedup_chart(results, title)

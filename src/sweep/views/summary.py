@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from rich.table import Table
 
-from .comparison import CAPTION as COMPILE_CAPTION
-from .comparison import HEADER as COMPILE_HEADER
-from .comparison import compile_tables, is_compile_run, job_rows, ratio
-from .formatting import format_number
-from .results import JobResult, RunStatus
+from sweep.records.results import JobResult, RunStatus
+from sweep.views.comparison import CAPTION as COMPILE_CAPTION
+from sweep.views.comparison import HEADER as COMPILE_HEADER
+from sweep.views.comparison import compile_tables, is_compile_run, job_rows, ratio
+from sweep.views.formatting import format_number
 
 SUMMARY_CAPTION = "~ : the speedup's 95% interval includes 1 (no measurable difference)"
 ACCURACY_CAPTION = "err_ratio > 1: the kernel is further from the float32/64 reference than eager"

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from .config import TimingConfig
-from .numerics import relative_error
-from .statistics import SpeedupEstimate, blocked_speedup
+from sweep.config import TimingConfig
+from sweep.measure.numerics import relative_error
+from sweep.measure.statistics import SpeedupEstimate, blocked_speedup
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits of the side that is selected
 Select = Callable[[], None]  # switches the model to one side (kernels on or off); never inside the timed region

@@ -1,5 +1,4 @@
-"""Workloads: what a job puts through the model (a prefill, one decode step, one training step), what it times
-and what it compares. Each says so through one small protocol; `job.py` conducts them all alike."""
+"""The one small protocol every workload follows, and the checks they share; `job.py` conducts them all alike."""
 
 from __future__ import annotations
 
@@ -9,17 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
-from hydra.core.config_store import ConfigStore
 from kernels import Mode
 
-from ..config import PromptConfig, WorkloadConfig
-from ..errors import KernelOutputError, SkipJob
-from ..forensics import first_nonfinite_module
-from ..kernelization import KernelSwitch, ResolvedKernel
-from ..models import ModelCache
-from ..numerics import nonfinite_count
-from ..results import JobResult
-from ..timing import Comparison, TimedSide
+from sweep.config import PromptConfig
+from sweep.measure.forensics import first_nonfinite_module
+from sweep.measure.kernelization import KernelSwitch, ResolvedKernel
+from sweep.measure.models import ModelCache
+from sweep.measure.numerics import nonfinite_count
+from sweep.measure.timing import Comparison, TimedSide
+from sweep.records.errors import KernelOutputError, SkipJob
+from sweep.records.results import JobResult
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # one input set -> the output the graph replay is checked on
 StatusHook = Callable[[str], None]
@@ -119,25 +117,3 @@ def check_kernel_finite(
         with job.switch.active():
             where = first_nonfinite_module(job.model, rerun, after_forward)
         raise KernelOutputError(f"kernel output has {bad} non-finite values, first at {where}")
-
-
-# The workloads import the protocol above, so they are imported after it.
-from .decode import Decode, DecodeConfig  # noqa: E402
-from .prefill import Prefill, PrefillConfig  # noqa: E402
-from .train import Train, TrainConfig  # noqa: E402
-
-WORKLOADS: dict[str, type[Workload]] = {w.name: w for w in (Prefill, Decode, Train)}
-SCHEMAS: tuple[type[WorkloadConfig], ...] = (PrefillConfig, DecodeConfig, TrainConfig)
-
-
-def workload(cfg: WorkloadConfig | Any) -> Workload:
-    """A fresh workload for one job, by `workload.name`."""
-    if cfg.name not in WORKLOADS:
-        raise ValueError(f"workload={cfg.name} is not one of: {', '.join(WORKLOADS)}")
-    return WORKLOADS[cfg.name]()
-
-
-def register_workload_configs(store: ConfigStore) -> None:
-    """Each workload's schema in the `workload` group; conf/workload/<name>.yaml extends it."""
-    for schema in SCHEMAS:
-        store.store(group="workload", name=f"{schema.name}_schema", node=schema)

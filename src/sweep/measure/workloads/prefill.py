@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from kernels import Mode
 
-from ..compilation import (
+from sweep.config import PromptConfig, WorkloadConfig
+from sweep.measure.compilation import (
     COMPILED,
     COMPILED_KERNEL,
     CompiledSides,
@@ -17,9 +18,7 @@ from ..compilation import (
     compile_sides,
     compiles,
 )
-from ..config import PromptConfig, WorkloadConfig
-from ..errors import KernelOutputError
-from ..forensics import (
+from sweep.measure.forensics import (
     distribution_metrics,
     generation_metrics,
     greedy_tokens,
@@ -28,8 +27,8 @@ from ..forensics import (
     layers_png,
     traced_logits,
 )
-from ..models import GenerationKey
-from ..numerics import (
+from sweep.measure.models import GenerationKey
+from sweep.measure.numerics import (
     compare_outputs,
     error_ratio,
     forward_logits,
@@ -40,9 +39,16 @@ from ..numerics import (
     reference_logits,
     relative_error,
 )
-from ..prompts import prompt_inputs
-from ..results import JobResult
-from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
+from sweep.measure.prompts import prompt_inputs
+from sweep.measure.workloads.protocol import (
+    JobState,
+    Sides,
+    check_baseline_finite,
+    check_kernel_finite,
+    check_reference_finite,
+)
+from sweep.records.errors import KernelOutputError
+from sweep.records.results import JobResult
 
 
 @dataclass

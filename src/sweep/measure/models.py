@@ -18,8 +18,8 @@ from transformers import (
 )
 from utf8_tokenizer.tokenizer import UTF8Tokenizer
 
-from .config import ModelConfig
-from .errors import JobConfigError
+from sweep.config import ModelConfig
+from sweep.records.errors import JobConfigError
 
 
 @dataclass

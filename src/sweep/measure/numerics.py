@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .kernelization import KernelSwitch
+from sweep.measure.kernelization import KernelSwitch
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:

@@ -11,11 +11,17 @@ import torch
 from kernels import Mode
 from transformers import StaticCache
 
-from ..config import PromptConfig, WorkloadConfig
-from ..forensics import distribution_metrics
-from ..numerics import compare_outputs, reference_precision, relative_error
-from ..prompts import prompt_inputs
-from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
+from sweep.config import PromptConfig, WorkloadConfig
+from sweep.measure.forensics import distribution_metrics
+from sweep.measure.numerics import compare_outputs, reference_precision, relative_error
+from sweep.measure.prompts import prompt_inputs
+from sweep.measure.workloads.protocol import (
+    JobState,
+    Sides,
+    check_baseline_finite,
+    check_kernel_finite,
+    check_reference_finite,
+)
 
 
 @dataclass

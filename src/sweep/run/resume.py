@@ -8,7 +8,7 @@ import json
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .fingerprint import code_version, fingerprint
+from sweep.records.fingerprint import code_version, fingerprint
 
 # Where and how jobs run, not what they measure.
 NOT_MEASUREMENT = ("tracking", "lease", "resume", "hydra")

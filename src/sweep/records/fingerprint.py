@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from sweep import __version__
 
 
 def _package_version(name: str) -> str:
@@ -33,7 +33,7 @@ def _cpu_model() -> str:
 
 
 def _git(*args: str) -> str:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):

@@ -11,7 +11,7 @@ from statistics import median_low
 
 import pandas as pd
 
-from .formatting import format_number
+from sweep.views.formatting import format_number
 
 Row = Mapping[str, object]  # one run: params, metrics and tags by name, plus run_status and status_reason
 

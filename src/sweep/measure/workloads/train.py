@@ -13,12 +13,18 @@ from typing import Any, ClassVar
 import torch
 from kernels import Mode
 
-from ..config import PromptConfig, WorkloadConfig
-from ..forensics import layer_gradients, layer_metrics, layers_png, layers_with_gradients_csv, traced_logits
-from ..numerics import error_ratio, reference_precision
-from ..prompts import prompt_inputs
-from ..results import JobResult
-from . import JobState, Sides, check_baseline_finite, check_kernel_finite, check_reference_finite
+from sweep.config import PromptConfig, WorkloadConfig
+from sweep.measure.forensics import layer_gradients, layer_metrics, layers_png, layers_with_gradients_csv, traced_logits
+from sweep.measure.numerics import error_ratio, reference_precision
+from sweep.measure.prompts import prompt_inputs
+from sweep.measure.workloads.protocol import (
+    JobState,
+    Sides,
+    check_baseline_finite,
+    check_kernel_finite,
+    check_reference_finite,
+)
+from sweep.records.results import JobResult
 
 
 @dataclass

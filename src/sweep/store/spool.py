@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import JobResult
+from sweep.records.results import JobResult
 
 
 class SpoolError(OSError):

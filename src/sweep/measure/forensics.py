@@ -14,8 +14,8 @@ from functools import partial
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .kernelization import KernelSwitch, layer_name
-from .numerics import KeepPrecision, error_ratio, forward_logits
+from sweep.measure.kernelization import KernelSwitch, layer_name
+from sweep.measure.numerics import KeepPrecision, error_ratio, forward_logits
 
 
 @dataclass(frozen=True)

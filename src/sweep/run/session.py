@@ -17,18 +17,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from .config import TrackingConfig
-from .exit_codes import EXIT_INCOMPLETE, EXIT_REFUSED
-from .failures import FailureKind
-from .models import ModelCache
-from .redaction import redact_uri
-from .results import JobResult, RunStatus
-from .spool import Spool, SpoolError
-from .startup import draw_model_in_background, milestone, start_cuda_in_background, startup_metrics
-from .summary import sweep_tables
-from .sync import Delivery
-from .tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
-from .validation import validate_jobs
+from sweep.config import TrackingConfig
+from sweep.measure.models import ModelCache
+from sweep.records.exit_codes import EXIT_INCOMPLETE, EXIT_REFUSED
+from sweep.records.failures import FailureKind
+from sweep.records.redaction import redact_uri
+from sweep.records.results import JobResult, RunStatus
+from sweep.run.startup import draw_model_in_background, milestone, start_cuda_in_background, startup_metrics
+from sweep.run.validation import validate_jobs
+from sweep.store.spool import Spool, SpoolError
+from sweep.store.sync import Delivery
+from sweep.store.tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
+from sweep.views.summary import job_description, sweep_tables
 
 T = TypeVar("T")
 # The parent run's id, set by the launching process before any job starts: jobs in other processes (local
@@ -42,7 +42,7 @@ class SweepSession:
         """Opens the sweep's parent run, or with `sweep_id` attaches to one that another process opened."""
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
-        self.tracker = Tracker(tracking)
+        self.tracker = Tracker(tracking, describe=job_description)
         self.name, self.experiment = name, tracking.experiment
         self.delivery = Delivery(self.tracker, Spool(tracking.spool_dir), warn=self._warn)
         self.context_lost_after: str | None = None  # the job whose sticky CUDA error ended this process's GPU use
@@ -152,7 +152,7 @@ class SweepSession:
         self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
         if jobs and not self.delivery.store_down:
             # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
-            from .sweep_page import Links, report_files, sweep_page
+            from sweep.views.sweep_page import Links, report_files, sweep_page
 
             page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
                               Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
