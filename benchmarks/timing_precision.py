@@ -170,8 +170,8 @@ def main() -> None:
         def harness() -> Estimate:
             forward = lambda ids: forward_logits(model, ids)  # noqa: E731
             placement = GraphPlacement(sides=2)  # as the sweep's jobs do
-            baseline = GraphRunner(forward, inputs, lambda: switch.select(False), placement)
-            kernel = GraphRunner(forward, inputs, lambda: switch.select(True), placement)
+            baseline = GraphRunner(forward, inputs, lambda: switch.select(False), placement, side="baseline")
+            kernel = GraphRunner(forward, inputs, lambda: switch.select(True), placement, side="kernel")
             seed = len(timed)  # as `seed=range(N)` gives each job its own order of the sides
             rounds = timed_rounds(baseline, kernel, len(inputs), cfg.timing, device, seed)
             assert rounds.estimate is not None

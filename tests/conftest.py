@@ -21,7 +21,9 @@ from kernel_repos import (  # noqa: E402
     INF_RMSNORM,
     LOW_PRECISION_RMSNORM,
     NAN_RMSNORM,
+    RMSNORM_FUNCTION_CALL,
     ROUNDED_SILU,
+    rmsnorm_function,
     write_kernel_repo,
 )
 
@@ -47,6 +49,11 @@ def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "cuda_only": write_kernel_repo(root, "cuda_only", "ExactRMSNorm", EXACT_RMSNORM, variant="torch-cuda"),
         "forward_only_rms": write_kernel_repo(root, "forward_only_rms", "ForwardOnlyRMSNorm", EXACT_RMSNORM,
                                               has_backward=False),
+        "in_place_rms": write_kernel_repo(root, "in_place_rms", "InPlaceRMSNorm", RMSNORM_FUNCTION_CALL,
+                                          module_source=rmsnorm_function(dx_into_upstream=True)),
+        "wrong_weight_grad_rms": write_kernel_repo(root, "wrong_weight_grad_rms", "WrongWeightGradRMSNorm",
+                                                   RMSNORM_FUNCTION_CALL,
+                                                   module_source=rmsnorm_function(weight_grad_scale=2.0)),
     }
 
 

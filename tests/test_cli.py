@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, local_kernel
+from kernel_repos import EXACT_RMSNORM, write_kernel_repo
 from mlflow.tracking import MlflowClient
+from test_survive import THIN_MODEL
+
+from sweep.views.report import latest_runs, load_runs, run_table
 
 CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload"}
 CONTRACT_METRICS = {
@@ -22,8 +26,14 @@ CONTRACT_TAGS = {"gpu_name", "device_capability", "torch_version", "transformers
                  "run_status", "status_reason"}
 
 
-def run_sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "sweep", *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+def run_sweep(tmp_path: Path, *args: str, instrumentation: str = "") -> subprocess.CompletedProcess[str]:
+    """`python -m sweep *args` on the test's store; `instrumentation`: Python run first, in the same process."""
+    sweep = ["-m", "sweep"]
+    if instrumentation:
+        script = tmp_path / "instrumented.py"
+        script.write_text(instrumentation + 'sys.argv[0] = "sweep"\nfrom sweep.__main__ import main\nmain()\n')
+        sweep = [str(script)]
+    command = [sys.executable, *sweep, *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                f"tracking.artifact_root={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/hydra",
                f"hydra.run.dir={tmp_path}/hydra"]
     env = os.environ | {"COLUMNS": "200"}
@@ -145,7 +155,7 @@ def test_unreachable_tracking_server_stops_the_sweep_at_once(tmp_path):
     assert "cannot reach MLflow server http://127.0.0.1:9" in done.stderr + done.stdout
 
 
-# Instrumentation run before `python -m sweep` (`_run_instrumented`); each reports on stderr at exit.
+# Instrumentation run before `python -m sweep` (`run_sweep`'s `instrumentation`); each reports on stderr at exit.
 COUNT_COMPOSITIONS = """
 import atexit, sys
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -163,13 +173,14 @@ atexit.register(report)
 
 COUNT_COLLECTED = """
 import atexit, gc, sys
-collect, scanned = gc.collect, []
+collect, scanned, frozen = gc.collect, [], [0]
 def counted(*args, **kwargs):
     scanned.append(len(gc.get_objects()))  # what a collection scans: the tracked objects not frozen
+    frozen.append(gc.get_freeze_count())  # read here: sweep unfreezes them at exit
     return collect(*args, **kwargs)
 gc.collect = counted
 atexit.register(lambda: print(f"collections: {len(scanned)}, most scanned: {max(scanned, default=0)}, "
-                              f"frozen: {gc.get_freeze_count()}", file=sys.stderr))
+                              f"frozen: {max(frozen)}", file=sys.stderr))
 """
 
 
@@ -188,13 +199,8 @@ atexit.register(lambda: print(f"float32 draws: {draws}", file=sys.stderr))
 
 def _run_instrumented(tmp_path: Path, script_text: str, *overrides: str) -> subprocess.CompletedProcess:
     """The 4-job multirun `dtype=bf16,fp32 kernels=rms,silu`, run in-process after `script_text`."""
-    script = tmp_path / "instrumented.py"
-    script.write_text(script_text + 'sys.argv[0] = "sweep"\nfrom sweep.__main__ import main\nmain()\n')
-    done = subprocess.run(
-        [sys.executable, str(script), "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick", *overrides,
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
-         f"hydra.sweep.dir={tmp_path}/hydra"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"COLUMNS": "200"})
+    done = run_sweep(tmp_path, "-m", "dtype=bf16,fp32", "kernels=rms,silu", "timing=quick", *overrides,
+                     instrumentation=script_text)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     _, _, children = child_runs(tmp_path)
     ran = sorted((run.data.params["dtype"], run.data.params["kernels"]) for run in children)
@@ -253,3 +259,73 @@ def test_a_job_that_does_not_compose_still_refuses_the_sweep(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "fp99" in done.stderr
     assert not (tmp_path / "mlflow.db").exists() or not child_runs(tmp_path)[2]
+
+
+def test_resume_measures_an_edited_kernel_again_and_tables_a_resumed_job_with_its_numbers(tmp_path):
+    """The resume key holds the kernel as it resolved (the hash of a local kernel's files, a Hub commit): a kernel
+    edited at the same path is measured again. A job resumed unchanged shows its stored result, marked resumed."""
+    kernel = write_kernel_repo(tmp_path, "edited_rms", "ExactRMSNorm", EXACT_RMSNORM)
+    job = ["dtype=fp32", "kernels=none", *local_kernel("RMSNorm", kernel, "ExactRMSNorm"), "timing=quick",
+           "prompt.length=16", "numerics.gen_tokens=2", "numerics.per_layer=false", *THIN_MODEL]
+    first = run_sweep(tmp_path, *job)
+    source = kernel / "build" / "torch-cpu" / "__init__.py"
+    source.write_text(source.read_text() + "# edited: the same path, other files\n")
+    edited = run_sweep(tmp_path, *job)
+    unchanged = run_sweep(tmp_path, *job)
+    for done in (first, edited, unchanged):
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, parents, children = child_runs(tmp_path)
+    parents, children = (sorted(runs, key=lambda run: run.info.start_time) for runs in (parents, children))
+    assert "already measured" not in edited.stdout
+    assert [run.data.tags["run_status"] for run in children] == ["measured", "measured"]
+    assert [run.data.tags["sweep_id"] for run in children] == [parents[0].info.run_id, parents[1].info.run_id]
+    before, after = (run.data.params["kernel_RMSNorm"] for run in children)
+    assert before.startswith(f"local:{kernel}@") and after.startswith(f"local:{kernel}@") and before != after
+
+    assert f"already measured in run {children[1].info.run_id}" in unchanged.stdout
+    assert parents[2].data.metrics["jobs_resumed"] == 1 and parents[2].data.metrics["jobs_measured"] == 0
+    assert "0 measured, 0 skipped, 0 failed, 0 killed, 1 resumed" in unchanged.stdout
+    speedup = f"{children[1].data.metrics['speedup']:.3f}x ["
+    [row] = [line for line in unchanged.stdout.splitlines() if "│ custom" in line and speedup in line]
+    assert row.rstrip(" │").endswith("resumed"), unchanged.stdout[-3000:]
+    assert "| resumed |" in parents[2].data.tags["mlflow.note.content"]  # the sweep's page
+    runs = load_runs([f"sqlite:///{tmp_path}/mlflow.db"], "kernel-sweep", [parents[2].info.run_id])
+    assert list(runs["run_id"]) == [children[1].info.run_id]  # the report on the resuming sweep
+    assert list(run_table(latest_runs(runs))["status"]) == ["resumed"]
+
+
+# The first model's draw outlasts the rest of a sweep with nothing to do, as a slower host's or a larger model's does;
+# reports the start-up threads still alive when the interpreter starts to finalize.
+SLOW_DRAW = """
+import atexit, sys, threading, time
+from transformers import AutoModelForCausalLM
+build = AutoModelForCausalLM.from_config
+def slow(config, **kwargs):
+    time.sleep(4)
+    return build(config, **kwargs)
+AutoModelForCausalLM.from_config = slow
+atexit.register(lambda: print("start-up threads alive at exit:",
+                              [t.name for t in threading.enumerate() if t.name.startswith("sweep-")], file=sys.stderr))
+"""
+
+
+def rerun_a_finished_sweep(tmp_path: Path, *job: str) -> None:
+    """Runs the one-job sweep `job` twice on one store, the second time with nothing to do (its job resumed). Each
+    exits 0 with the way into the UI as its last lines. The second waits for the start-up threads (CUDA, the
+    model's draw) that no job waited for: the interpreter would abandon them, and one abandoned inside torch aborts
+    the process (`terminate called without an active exception`, exit 134). The objects frozen for the jobs'
+    collections do not outlive Triton's module (from Triton 3.9, nanobind's leak report after the last line)."""
+    first = run_sweep(tmp_path, *job)
+    again = run_sweep(tmp_path, *job, instrumentation=SLOW_DRAW)
+    assert "0 measured, 0 skipped, 0 failed, 0 killed, 1 resumed" in again.stdout, again.stdout[-3000:]
+    assert "start-up threads alive at exit: []" in again.stderr, again.stderr[-3000:]
+    for done in (first, again):
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "terminate called" not in done.stderr and "nanobind" not in done.stderr, done.stderr[-3000:]
+        last = done.stdout.splitlines()[-2:]
+        assert last[0].startswith("browse the runs: mlflow ui") and last[1].startswith("this sweep's page: "), last
+
+
+def test_a_rerun_of_a_finished_sweep_ends_with_the_way_into_the_ui(tmp_path):
+    rerun_a_finished_sweep(tmp_path, "device=cpu", "dtype=fp32", "kernels=none", "timing=quick", "prompt.length=16",
+                           "numerics.gen_tokens=2")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import math
+import platform
+
 import pytest
 import torch
-from conftest import gpu, load_bundled_silu
+from conftest import SHORT_PROMPT, gpu, load_bundled_silu, local_kernel
+from kernel_repos import EXACT_RMSNORM, write_kernel_repo
+from test_cli import rerun_a_finished_sweep
 
 from sweep.config import kernel_selection
 from sweep.measure.kernelization import KernelSwitch, resolve_kernel
@@ -12,6 +19,7 @@ from sweep.measure.numerics import forward_logits
 from sweep.measure.timing import GraphPlacement, GraphRunner
 from sweep.records.results import RunStatus
 from sweep.run.job import run_job
+from sweep.views.summary import job_description
 
 pytestmark = [pytest.mark.gpu, gpu]
 
@@ -35,7 +43,7 @@ def test_graph_replay_reads_its_static_input(make_config, models):
     cfg = make_config("dtype=bf16", "kernels=none")
     model = models.get(cfg.model, torch.bfloat16, torch.device("cuda")).model
     inputs = [torch.randint(0, 256, (1, 64), device="cuda") for _ in range(2)]
-    runner = GraphRunner(lambda ids: forward_logits(model, ids), inputs)  # checks replays against eager
+    runner = GraphRunner(lambda ids: forward_logits(model, ids), inputs, side="baseline")  # checked against eager
     runner.prepare(1)
     runner.run()
     assert torch.equal(runner.static_output, forward_logits(model, inputs[1]))
@@ -68,6 +76,26 @@ def test_bundled_kernels_in_decode_and_train(make_config, models):
             assert result.metrics["grad_err_ratio"] < 2 and "reference_note" not in result.tags
 
 
+def test_train_per_layer_reference_is_not_what_ligers_in_place_backward_left(make_config, models, kernel_repos):
+    """Liger's RMSNorm backward writes dX into dY (in_place=True). Each module's float64 reference backward runs
+    on the upstream gradient eager had, so eager's per-layer errors are those of a job whose exact RMSNorm kernel
+    leaves dY alone: they do not depend on the kernel."""
+    eager_errors = {}
+    for name, kernel in (("liger", ["kernels=rms", "kernels.source=bundled"]),
+                         ("exact", ["kernels=none", *local_kernel("RMSNorm", kernel_repos["cuda_only"],
+                                                                  "ExactRMSNorm")])):
+        result = run_job(make_config("dtype=bf16", *kernel, "timing=quick", "workload=train", "prompt.length=128",
+                                     "numerics.gen_tokens=4"), models)
+        assert result.status == RunStatus.measured, result.reason
+        rows = list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+        assert len(rows) == 9
+        eager_errors[name] = [(float(row["eager_grad_err"]), float(row["eager_weight_grad_err"])) for row in rows]
+        assert math.isfinite(result.metrics["layer_grad_err_ratio_max"])
+        assert math.isfinite(result.metrics["layer_weight_grad_err_ratio_max"])
+    for liger, exact in zip(eager_errors["liger"], eager_errors["exact"], strict=True):
+        assert liger == pytest.approx(exact, rel=1e-3)
+
+
 def test_a_compiled_forward_is_captured_in_a_cuda_graph(make_config, models):
     """baseline=compile times the compiled model in an outer CUDA graph (mode default): the replay reads its
     static input and matches the compiled forward."""
@@ -81,7 +109,7 @@ def test_a_compiled_forward_is_captured_in_a_cuda_graph(make_config, models):
             return compiled(ids)
 
     inputs = [torch.randint(0, 256, (1, 64), device="cuda") for _ in range(2)]
-    runner = GraphRunner(forward, inputs)  # warm-up compiles, then capture, then the replay check
+    runner = GraphRunner(forward, inputs, side="compiled")  # warm-up compiles, then capture, then the replay check
     runner.prepare(1)
     runner.run()
     torch.testing.assert_close(runner.static_output, forward(inputs[1]), rtol=1e-2, atol=1e-2)
@@ -142,8 +170,8 @@ def test_paired_graphs_share_each_blocks_pool_and_each_replay_computes_its_own_i
         return forward_logits(model, ids)
 
     try:
-        sides = [GraphRunner(forward, inputs, lambda: switch.select(False), placement),
-                 GraphRunner(forward, inputs, lambda: switch.select(True), placement)]
+        sides = [GraphRunner(forward, inputs, lambda: switch.select(False), placement, side="baseline"),
+                 GraphRunner(forward, inputs, lambda: switch.select(True), placement, side="kernel")]
         for block in range(4):
             if block:
                 for runner in (sides if block % 2 else sides[::-1]):
@@ -157,3 +185,74 @@ def test_paired_graphs_share_each_blocks_pool_and_each_replay_computes_its_own_i
                     assert torch.equal(runner.static_output, forward_logits(model, ids)), (block, enabled, index)
     finally:
         switch.select(False)
+
+
+# RMSNorm kernels that are exact when run eagerly and break only inside a CUDA-graph capture.
+CAPTURE_BREAKS = {
+    "non_finite": """
+    if torch.cuda.is_current_stream_capturing():
+        hidden_states = hidden_states * float("nan")
+""",
+    "wrong": """
+    if torch.cuda.is_current_stream_capturing():
+        hidden_states = -hidden_states
+""",
+}
+# A host sync: capture raises.
+HOST_SYNC = """
+    hidden_states.sum().item()
+"""
+
+
+@pytest.mark.parametrize("breaks", CAPTURE_BREAKS)
+def test_a_kernel_whose_graph_replay_is_wrong_fails_naming_its_side(make_config, models, tmp_path, breaks):
+    """Its eager forward is exact, so timing it eagerly instead would call a kernel measured that is broken
+    under capture."""
+    repo = write_kernel_repo(tmp_path, f"capture_{breaks}", "ExactRMSNorm", CAPTURE_BREAKS[breaks] + EXACT_RMSNORM,
+                             variant="torch-cuda")
+    result = run_job(make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                                 *local_kernel("RMSNorm", repo, "ExactRMSNorm")), models)
+    assert result.status == RunStatus.failed, result.reason
+    assert result.reason.startswith("GraphCheckError: the kernel side's graph replay"), result.reason
+    assert result.tags["failure_phase"] == "capture" and "timing_note" not in result.tags
+    assert "speedup" not in result.metrics
+
+
+def test_a_kernel_that_cannot_be_captured_is_timed_eagerly_and_marked(make_config, models, tmp_path):
+    """Capture raises (a host sync in the forward): the job is timed eagerly, and says so."""
+    repo = write_kernel_repo(tmp_path, "host_sync", "ExactRMSNorm", HOST_SYNC + EXACT_RMSNORM,
+                             variant="torch-cuda")
+    result = run_job(make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                                 *local_kernel("RMSNorm", repo, "ExactRMSNorm")), models)
+    assert result.status == RunStatus.measured, result.reason
+    assert result.tags["timing_mode_used"] == "eager" and result.params["timing_mode"] == "auto"
+    assert result.tags["timing_note"].startswith("CUDA graph unusable, timed eagerly instead")
+    assert job_description(result).startswith("speedup ") and " (eager)" in job_description(result)
+
+
+# Asks for twice what the GPU has: CUDA refuses at once, also where the GPU's memory is the system's.
+ALLOCATES_TWICE_THE_GPU = """
+    torch.empty(2 * torch.cuda.get_device_properties(hidden_states.device).total_memory, dtype=torch.uint8,
+                device=hidden_states.device)
+"""
+
+
+def test_a_real_out_of_memory_says_whether_the_gpus_memory_is_the_systems(make_config, models, tmp_path):
+    """On integrated memory (a GB10) the reason adds that the operating system's OOM killer may end a job instead;
+    the fingerprint records which kind of GPU memory the run had."""
+    repo = write_kernel_repo(tmp_path, "allocates", "ExactRMSNorm", ALLOCATES_TWICE_THE_GPU + EXACT_RMSNORM,
+                             variant="torch-cuda")
+    result = run_job(make_config("dtype=bf16", "kernels=none", *SHORT_PROMPT,
+                                 *local_kernel("RMSNorm", repo, "ExactRMSNorm")), models)
+    assert result.tags["failure_kind"] == "out_of_memory", result.reason
+    assert result.reason.startswith("out of GPU memory in "), result.reason
+    integrated = bool(torch.cuda.get_device_properties(0).is_integrated)
+    assert result.tags["gpu_memory_integrated"] == str(integrated).lower()
+    assert result.tags["cpu_arch"] == platform.machine()
+    assert ("OOM killer" in result.reason) == integrated, result.reason
+
+
+def test_a_rerun_of_a_finished_sweep_on_the_gpu_ends_with_the_way_into_the_ui(tmp_path):
+    """As on the CPU, with CUDA and Triton started in the background as well (one visible GPU)."""
+    rerun_a_finished_sweep(tmp_path, "device=cuda", "dtype=fp32", "kernels=none", "timing=quick", "prompt.length=16",
+                           "numerics.gen_tokens=2")

@@ -1,7 +1,8 @@
 """The package's layers: every import of `sweep` code goes down the floors below, and no module imports itself back.
 
-Floors, top first: the apps (`__main__`, `report`, `sync`), run, views, store, measure, config, records. A module
-may import its own floor and any floor beneath it. The package's own `__init__` (its version) is beneath them all."""
+Floors, top first: the apps (`__main__`, `report`, `sync`, `copy`), run, views, store, measure, config, records. A
+module may import its own floor and any floor beneath it. The package's own `__init__` (its version) is beneath them
+all."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sweep"
 FLOORS = ("records", "config", "measure", "store", "views", "run", "apps")
-APPS = ("__main__", "report", "sync")
+APPS = ("__main__", "report", "sync", "copy")
 
 
 def module_name(path: Path) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sweep.config import ModelConfig
 from sweep.measure.models import load_model
-from sweep.measure.numerics import forward_logits, reference_logits
+from sweep.measure.numerics import forward_logits, reference_logits, reference_precision
 from sweep.measure.workloads import workload
 
 SMALL_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -59,6 +60,38 @@ def test_every_workloads_reference_leaves_the_model_bit_identical(tmp_path, make
     assert torch.equal(forward_logits(model, inputs[0]), logits_before)
     assert [(p.requires_grad, p.grad) for p in model.parameters()] == flags and not model.training
     assert reference is not None
+
+
+class LowPrecisionRequests(TorchFunctionMode):
+    """Records each op asked for a float32 result by a `dtype=` keyword, and each op that takes a float64 tensor
+    and returns a lower floating precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[str] = []
+        self.lowered: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if kwargs.get("dtype") == torch.float32:
+            self.asked.append(func.__name__)
+        takes_float64 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+        if takes_float64 and isinstance(output, torch.Tensor) and output.dtype.itemsize < 8:
+            self.lowered.append(func.__name__)
+        return output
+
+
+def test_float64_reference_runs_eager_attentions_float32_softmax_in_float64():
+    """transformers' eager attention takes `softmax(..., dtype=torch.float32)`; in the reference that is float64."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **SMALL_LLAMA, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 24))
+    with reference_precision(model, torch.float64), LowPrecisionRequests() as spy:
+        forward_logits(model, ids)
+    assert spy.asked.count("softmax") == SMALL_LLAMA["num_hidden_layers"]  # one per layer's attention
+    assert spy.lowered == []
 
 
 def test_random_init_keeps_the_buffers_transformers_keeps_in_float32():

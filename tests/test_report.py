@@ -18,6 +18,7 @@ from sweep.views.report import FINGERPRINT, latest_runs, load_runs, speedup_pivo
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
+GB10 = "NVIDIA GB10"
 KERNELS = ("none", "rms", "silu", "both")
 LENGTHS = (128, 512)
 KERNEL_GAIN = {"none": 0.0, "rms": 0.10, "silu": 0.05, "both": 0.20}
@@ -224,11 +225,16 @@ def test_out_writes_report_and_pngs(stores: Stores, capsys: pytest.CaptureFixtur
         assert set(pivot.columns) >= {H100, H200} and len(pivot) == 9
 
 
+def frame_row(start: int, speedup: float, **fingerprint: str) -> dict[str, object]:
+    """A run of one configuration as `load_runs` reads it; fingerprint fields not given are empty."""
+    return {"model": "m", "dtype": "bf16", "prompt_len": 128, "batch_size": 1, "timing_mode": "t",
+            "kernels": "rms", "start_time": pd.Timestamp(start, unit="s"), "speedup": speedup,
+            **dict.fromkeys(FINGERPRINT, ""), **fingerprint}
+
+
 def test_runs_from_different_fingerprints_are_never_merged() -> None:
     def row(gpu: str, torch: str, start: int, speedup: float) -> dict[str, object]:
-        return {"model": "m", "dtype": "bf16", "prompt_len": 128, "batch_size": 1, "timing_mode": "t",
-                "kernels": "rms", "start_time": pd.Timestamp(start, unit="s"), "speedup": speedup,
-                **dict.fromkeys(FINGERPRINT, ""), "gpu_name": gpu, "torch_version": torch}
+        return frame_row(start, speedup, gpu_name=gpu, torch_version=torch)
 
     runs = latest_runs(pd.DataFrame([row(H100, "2.7.0", 1, 1.1), row(H100, "2.8.0", 2, 1.2),
                                      row(H100, "2.8.0", 3, 1.3), row(H200, "2.8.0", 4, 1.4), row("", "2.8.0", 5, 1.0)]))
@@ -236,6 +242,35 @@ def test_runs_from_different_fingerprints_are_never_merged() -> None:
     pivot = speedup_pivot(runs)
     assert pivot.iloc[0][[f"{H100} (torch_version=2.7.0)", f"{H100} (torch_version=2.8.0)", H200, "cpu"]].tolist() \
         == [1.1, 1.3, 1.4, 1.0]
+
+
+def test_runs_that_differ_only_in_cpu_architecture_or_integrated_memory_are_never_merged() -> None:
+    runs = latest_runs(pd.DataFrame([
+        frame_row(1, 1.1, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="false"),
+        frame_row(2, 1.2, gpu_name=H200, cpu_arch="aarch64", gpu_memory_integrated="false"),
+        frame_row(3, 1.3, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="true")]))
+
+    columns = [f"{H200} (gpu_memory_integrated={integrated}, cpu_arch={arch})"
+               for arch, integrated in (("x86_64", "false"), ("aarch64", "false"), ("x86_64", "true"))]
+    assert speedup_pivot(runs).iloc[0][columns].tolist() == [1.1, 1.2, 1.3]
+
+
+def test_the_intro_names_each_machines_cpu_architecture_and_gpu_memory(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    writer = StoreWriter(uri, tmp_path)
+    sweep = writer.parent()
+    writer.child(sweep, H100, "rms", 128)  # logged before cpu_arch and gpu_memory_integrated were recorded
+    for gpu, tags in ((H200, {"cpu_arch": "x86_64", "gpu_memory_integrated": "false"}),
+                      (GB10, {"cpu_arch": "aarch64", "gpu_memory_integrated": "true", "gpu_memory_gb": "119.7"})):
+        run_id = writer.child(sweep, gpu, "rms", 128, speedup=1.1)
+        for tag, value in tags.items():
+            writer.client.set_tag(run_id, tag, value)
+
+    code, out, _ = run_main(capsys, "--tracking-uri", uri)
+    assert code == 0
+    assert (f"machines: {GB10} (aarch64 CPU, 119.7 GB of GPU memory integrated: the system's, shared with the CPU); "
+            f"{H100}; {H200} (x86_64 CPU, 139.8 GB of GPU memory).") in out
 
 
 def test_bad_sqlite_store_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

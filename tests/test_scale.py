@@ -29,6 +29,7 @@ from sweep.__main__ import CONFIG_DIR
 from sweep.config import TrackingConfig
 from sweep.run.lease import worker_count
 from sweep.store.tracking import Tracker
+from sweep.views.report import FINGERPRINT
 from sweep.views.summary import job_description
 
 # Four quick jobs without kernels: they run on any machine (the CPU-kernel repositories need a CPU build of torch).
@@ -173,6 +174,7 @@ WRITER = textwrap.dedent("""
     from sweep.config import TrackingConfig
     from sweep.records.results import JobResult
     from sweep.store.tracking import Tracker
+    from sweep.views.summary import job_description
     uri, artifacts, sweep_id, worker, jobs = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5])]
     tracker = Tracker(TrackingConfig(uri=uri, artifact_root=artifacts), describe=job_description)
     for job in range(jobs):
@@ -212,6 +214,39 @@ def test_four_writers_at_once_lose_nothing(store, tmp_path):
         assert len(run.data.metrics) == 40
         assert run.data.tags["mlflow.parentRunId"] == sweep_id
     assert sorted(job.status.value for job in tracker.sweep_jobs(sweep_id).values()) == ["measured"] * 40
+
+
+# Opens the store as a sweep does, once the file `go` exists: each process has done its imports by then.
+OPENER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from sweep.config import TrackingConfig
+    from sweep.store.tracking import Tracker
+    from sweep.views.summary import job_description
+    uri, artifacts, go = sys.argv[1:]
+    print("ready", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.005)
+    tracker = Tracker(TrackingConfig(uri=uri, artifact_root=artifacts), describe=job_description)
+    tracker.start_sweep("opened at once", tags={})
+""")
+
+
+def test_four_sweeps_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path):
+    """Each creates the store's tables, or upgrades them, while the others do (`table ... already exists`, `Online
+    migration expected to match one row`), unless one at a time."""
+    uri, go = f"sqlite:///{tmp_path}/new/mlflow.db", tmp_path / "go"
+    openers = [subprocess.Popen([sys.executable, "-c", OPENER, uri, str(tmp_path / "artifacts"), str(go)],
+                                env=LOCAL_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    for opener in openers:
+        assert opener.stdout.readline() == "ready\n", opener.communicate(timeout=120)[1][-3000:]
+    go.touch()
+    for opener in openers:
+        _, errors = opener.communicate(timeout=300)
+        assert opener.returncode == 0, errors[-3000:]
+    parents, _ = runs_of(uri)
+    assert [parent.info.run_name for parent in parents] == ["opened at once"] * 4
 
 
 # --- sweeps in local worker processes ------------------------------------------------------------------------------
@@ -291,12 +326,31 @@ def test_the_parallel_launcher_keeps_one_worker_per_device_for_the_whole_sweep(t
 
 
 def start_sweep(tmp_path: Path, uri: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
+    """The sweep as a terminal's foreground job: its own process group, Ctrl-C's SIGINT at its default action. A
+    process started in the background of a shell without job control inherits SIGINT ignored, as do the sweep and
+    its workers, which then run to the end and exit 0 (Python keeps an inherited SIG_IGN, as it should)."""
     log = tmp_path / f"sweep-{time.monotonic_ns()}.log"
     with log.open("w") as out:
         process = subprocess.Popen(sweep_command(tmp_path, uri, *overrides), cwd=REPO_ROOT, env=LOCAL_ENV,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # its own process group, like a terminal's job
+                                   start_new_session=True, preexec_fn=_sigint_at_default)
     return process, log
+
+
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def group_runs(group: int) -> bool:
+    """Whether a process of the process group `group` still runs (zombies, which write nothing, aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+        if int(process_group) == group and state != "Z":
+            return True
+    return False
 
 
 def statuses(uri: str) -> list[tuple[str, str]]:
@@ -323,7 +377,11 @@ def test_sigterm_kills_the_running_job_and_a_resumed_sweep_redoes_only_that_one(
     assert [p.info.status for p in parents] == ["KILLED"]
     assert {(r.data.params["prompt_len"], r.info.status, r.data.tags["run_status"]) for r in children} == {
         ("24", "FINISHED", "measured"), ("32", "KILLED", "killed")}
-    assert "SIGTERM" in next(r for r in children if r.info.status == "KILLED").data.tags["status_reason"]
+    killed, measured = (next(r for r in children if r.info.status == status) for status in ("KILLED", "FINISHED"))
+    assert "SIGTERM" in killed.data.tags["status_reason"]
+    machine = {tag: measured.data.tags.get(tag) for tag in FINGERPRINT}
+    assert machine["gpu_name"] and machine["cpu_model"]
+    assert {tag: killed.data.tags.get(tag) for tag in FINGERPRINT} == machine  # the report's machine for it
 
     done = run(sweep_command(tmp_path, uri, *overrides))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -351,11 +409,11 @@ def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(tmp_path):
     try:
         wait_for(lambda: any(s == "RUNNING" for _, s in statuses(uri)), 300, "running job")
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
-        assert process.wait(timeout=120) != 0
+        assert process.wait(timeout=120) != 0, log.read_text()[-3000:]
+        wait_for(lambda: not group_runs(process.pid), 60, "end of the sweep's workers")  # none writes any more
     finally:
-        if process.poll() is None:
+        if group_runs(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
-    time.sleep(2)  # any worker still writing
     parents, children = runs_of(uri)
     assert [p.info.status for p in parents] == ["KILLED"], log.read_text()[-3000:]
     assert children and all(r.info.status in ("FINISHED", "KILLED") for r in children), [
@@ -372,6 +430,8 @@ def slurm_launcher_config(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
 
 
+@pytest.mark.skipif(shutil.which("srun") is None,
+                    reason="needs Slurm's srun (submitit's Slurm executor looks for it): `.ci/slurm.sh` installs it")
 def test_slurm_launcher_config_asks_slurm_for_one_gpu_per_job(tmp_path):
     import submitit
 

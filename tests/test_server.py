@@ -25,10 +25,10 @@ import pytest
 from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
 
+from sweep import report
 from sweep.config import TrackingConfig
 from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import Tracker
-from sweep.views import report
 from sweep.views.summary import job_description
 
 HEALTH_TIMEOUT_S = 60
@@ -88,15 +88,15 @@ class Server:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[Server]:
-    """`mlflow server` on a free loopback port, its store (sqlite) and proxied artifacts in `root`; killed (its
-    whole process group) on exit. Job execution (huey workers for GenAI features) is off: sweep does not use it
-    and it doubles the start-up time."""
+def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[Server]:
+    """`mlflow server` on a free loopback port, its store (`backend_store_uri`, by default sqlite in `root`) and
+    proxied artifacts in `root`; killed (its whole process group) on exit. Job execution (huey workers for GenAI
+    features) is off: sweep does not use it and it doubles the start-up time."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = Server(f"http://127.0.0.1:{port}", root, root / "server.log")
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+               "--workers", "1", "--backend-store-uri", backend_store_uri or f"sqlite:///{root}/mlflow.db",
                "--artifacts-destination", str(root / "mlartifacts")]
     env = LOCAL_ENV | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with server.log.open("wb") as log:

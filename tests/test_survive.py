@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,12 @@ from test_server import LOCAL_ENV
 from sweep.config import TrackingConfig
 from sweep.measure.kernelization import kernel_layers
 from sweep.measure.models import ModelCache
+from sweep.records.failures import out_of_memory_reason
+from sweep.records.fingerprint import fingerprint
 from sweep.records.results import SCHEMA_VERSION, JobResult, RunStatus
 from sweep.run.job import run_job
 from sweep.store.tracking import worst_case_request_wait_s
+from sweep.views.report import FINGERPRINT
 
 # A 4-layer Llama as thin as possible: 9 RMSNorms and 4 SiLUs like tiny-llama, a fraction of its time.
 THIN_MODEL = ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
@@ -30,8 +34,9 @@ THIN_MODEL = ["model.architecture.hidden_size=64", "model.architecture.intermedi
 FAST = ["dtype=fp32", "prompt.length=40", "timing=quick", "numerics.gen_tokens=0", "numerics.per_layer=false",
         *THIN_MODEL]
 RMSNORMS = 9  # RMSNorm forwards per model forward; numerics without per-layer or generation runs one forward
-OOM = ('torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of '
-       '79.19 GiB of which 1.50 GiB is free.")')
+OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+               "1.50 GiB is free.")
+OOM = f'torch.OutOfMemoryError("{OOM_MESSAGE}")'
 DEVICE_ASSERT = 'RuntimeError("CUDA error: device-side assert triggered")'
 
 
@@ -134,6 +139,20 @@ def test_out_of_memory_while_loading_or_in_the_reference_names_the_phase(make_co
     assert run_job(make_config(*FAST, "kernels=none"), models).status == RunStatus.measured
 
 
+@pytest.mark.parametrize("integrated", [False, True])
+def test_out_of_memory_on_integrated_gpu_memory_says_the_system_may_run_out_first(integrated):
+    """Where the GPU's memory is the system's (a GB10), CUDA's error is not the only way out: the reason says so."""
+    reason = out_of_memory_reason(torch.OutOfMemoryError(OOM_MESSAGE), "timing", torch.device("cpu"), integrated)
+    assert reason.startswith("out of GPU memory in timing: needed 20.00 GiB, free 1.50 GiB"), reason
+    assert ("system memory, shared with the CPU" in reason and "OOM killer" in reason) == integrated, reason
+
+
+def test_the_fingerprint_records_the_cpu_architecture_and_no_gpu_memory_kind_without_a_gpu():
+    machine = fingerprint(torch.device("cpu"))
+    assert machine["cpu_arch"] == platform.machine() and machine["gpu_memory_integrated"] == ""
+    assert set(machine) <= set(FINGERPRINT)  # the report tells machines apart by every field
+
+
 @pytest.mark.parametrize(("at_call", "phase"), [(1, "numerics"), (RMSNORMS + 1, "numerics"),
                                                 (FIRST_TIMING_CALL, "timing"), (4 * RMSNORMS, "timing")])
 def test_a_kernel_raising_in_its_forward_fails_only_its_job(make_config, tmp_path, at_call, phase):
@@ -164,10 +183,13 @@ def test_a_sticky_cuda_error_fails_the_later_jobs_of_the_process(tmp_path):
     assert by_name["exact T=40"]["run_status"] == "measured"
     assert by_name["asserts T=40"]["run_status"] == "failed"
     assert "device-side assert" in by_name["asserts T=40"]["status_reason"]
+    machine = {tag: by_name["exact T=40"].get(tag) for tag in FINGERPRINT}
+    assert machine["gpu_name"] and machine["cpu_model"] and machine["torch_version"]
     for later in ("exact T=41", "asserts T=41"):
         assert by_name[later]["run_status"] == "failed"
         assert by_name[later]["status_reason"].startswith("CUDA context lost after asserts T=40")
         assert by_name[later]["failure_kind"] == "cuda_context_lost"
+        assert {tag: by_name[later].get(tag) for tag in FINGERPRINT} == machine  # the report's machine for it
     assert "1 measured, 0 skipped, 3 failed" in done.stdout
 
 

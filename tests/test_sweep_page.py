@@ -4,6 +4,7 @@ artifacts; child run names and one-line descriptions. Real sqlite stores, a real
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,8 +21,8 @@ from sweep.config import TrackingConfig
 from sweep.records.results import JobResult, RunStatus
 from sweep.run.session import SweepSession
 from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
-from sweep.views.summary import job_description
-from sweep.views.sweep_page import CHART, RESULTS_CSV, Links, sweep_page
+from sweep.views.summary import job_description, sweep_tables
+from sweep.views.sweep_page import CHART, RESULTS_CSV, Links, report_files, sweep_page
 
 # A job logged by another process, as a local worker or a Slurm task would: the session never sees its result.
 LOG_JOB_ELSEWHERE = textwrap.dedent("""
@@ -29,6 +30,7 @@ LOG_JOB_ELSEWHERE = textwrap.dedent("""
     from sweep.config import TrackingConfig
     from sweep.records.results import JobResult
     from sweep.store.tracking import Tracker
+    from sweep.views.summary import job_description
 
     uri, artifacts, sweep_id = sys.argv[1:]
     result = JobResult(
@@ -104,3 +106,46 @@ def test_child_run_names_say_what_differs_between_jobs(tmp_path):
         assert note == f"baseline {run.data.metrics['latency_ms_baseline']:.4f} ms, measured"
     assert "browse the runs: mlflow ui --backend-store-uri sqlite:///" in done.stdout
     assert "this sweep's page: http://127.0.0.1:5000/#/experiments/1/runs/" in done.stdout
+
+
+def _timed_job(kernels: str, gpu: str, timing_mode_used: str, speedup: float, baseline: str = "eager") -> JobResult:
+    """A measured job of timing.mode=auto, by ratio name: its value and 95% interval."""
+    ratios = {"speedup": speedup} | ({"compile_speedup": 1.20} if baseline == "compile" else {})
+    metrics = {"latency_ms_baseline": 2.0, "latency_ms_kernel": 2.0 / speedup, "speedup_significant": 1.0}
+    for name, value in ratios.items():
+        metrics |= {name: value, f"{name}_ci_low": value - 0.01, f"{name}_ci_high": value + 0.01}
+    return JobResult(
+        name=f"bf16 {kernels} baseline={baseline} on {gpu}",
+        params={"model": "tiny-llama", "dtype": "bf16", "kernels": kernels, "prompt_len": "128", "batch_size": "1",
+                "device": "auto", "timing_mode": "auto", "workload": "prefill", "baseline": baseline},
+        metrics=metrics, tags={"gpu_name": gpu, "timing_mode_used": timing_mode_used})
+
+
+def test_a_speedup_not_timed_as_its_job_asked_is_marked_in_every_view(tmp_path):
+    """timing.mode=auto times with CUDA graphs on a GPU and eagerly on the CPU: only the GPU jobs whose graphs could
+    not be captured, timed eagerly, are marked, in the terminal's tables, on the sweep's page and in its report."""
+    gpu = "NVIDIA H100 80GB HBM3"
+    jobs = [_timed_job("rms", gpu, "graph", 1.30), _timed_job("silu", gpu, "eager", 1.10),
+            _timed_job("both", "cpu", "eager", 1.05), _timed_job("rms", gpu, "eager", 1.15, baseline="compile")]
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a")),
+                      describe=job_description)
+    sweep_id = tracker.start_sweep("auto", tags={})
+    logged = {tracker.log_job(sweep_id, job): job for job in jobs}
+    console = Console(file=io.StringIO(), width=400)
+    for table in sweep_tables(jobs, "auto"):
+        console.print(table)
+    page = sweep_page(sweep_id, logged, "auto", Links(tracker.run_link, tracker.artifact_link), DESCRIPTION_LIMIT,
+                      report_files(tracker.uri, tracker.experiment, sweep_id))
+    views = {"terminal": console.file.getvalue(), "sweep page": page.description,
+             "report": page.artifacts["report/report.md"].decode()}
+
+    def speedup(value: float) -> str:  # a speedup with its interval, in the 2 or 3 digits of the view
+        low, high = (re.escape(f"{v:.2f}") + r"\d?" for v in (value - 0.01, value + 0.01))
+        return re.escape(f"{value:.2f}") + r"\d?x \[" + low + ", " + high + r"\]"
+
+    for view, text in views.items():
+        for marked in (1.10, 1.15, 1.20):  # the fallback job, and the compile run's ratios
+            assert re.search(speedup(marked) + re.escape(" (eager)"), text), (view, marked)
+        for unmarked in (1.30, 1.05):  # graphs on the GPU; eager as planned on the CPU
+            assert re.search(speedup(unmarked), text) and not re.search(speedup(unmarked) + " [(]", text), \
+                (view, unmarked)

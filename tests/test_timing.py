@@ -10,7 +10,9 @@ import torch
 
 from sweep.config import TimingConfig
 from sweep.measure.statistics import SpeedupEstimate, blocked_speedup, calibrate_rerun_sd, t_quantile
-from sweep.measure.timing import replay_accepted, timed_rounds, timed_sides
+from sweep.measure.timing import check_replay, replay_accepted, timed_rounds, timed_sides
+from sweep.records.errors import GraphCheckError
+from sweep.run.job import capture_impossible
 
 
 def _blocks(n_blocks: int, rounds: int) -> list[int]:
@@ -201,6 +203,33 @@ def test_rerun_sd_adds_its_variance_to_the_blocks():
 ])
 def test_replay_check_decides_by_nearest_input_with_a_margin(own, others, accepted):
     assert replay_accepted(own, others) is accepted
+
+
+# What torch 2.11 raised on an H200 when a forward synced with the host during capture: like every CUDA error's
+# message, it ends in torch's advice on device-side assertions, which says nothing about this error.
+CAPTURE_INVALIDATED = (
+    "CUDA error: operation failed due to a previous error during capture\n"
+    "Search for `cudaErrorStreamCaptureInvalidated' in "
+    "https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html for more information.\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be "
+    "incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+    "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n"
+)
+
+
+@pytest.mark.parametrize("replayed", ["non_finite", "another_input"])
+def test_a_replay_that_computed_something_else_fails_its_side_instead_of_timing_it_eagerly(replayed):
+    """Capture that raises is timed eagerly instead; a replay that was captured but is not finite or did not
+    compute its input fails the job, naming the side."""
+    generator = torch.Generator().manual_seed(0)
+    eager = [torch.randn(1, 8, 32, generator=generator) for _ in range(3)]
+    assert check_replay("kernel", 1, eager[1] * (1 + 1e-4), eager) < 1e-3  # a replay rounding differently passes
+    replay = eager[1] * float("nan") if replayed == "non_finite" else eager[0]
+    with pytest.raises(GraphCheckError, match="^the kernel side's graph replay of input set 1 .*timing.mode=eager") \
+            as failed:
+        check_replay("kernel", 1, replay, eager)
+    assert not capture_impossible(failed.value)
+    assert capture_impossible(RuntimeError(CAPTURE_INVALIDATED))
 
 
 def test_four_sides_in_one_round_give_every_comparison_its_interval():

@@ -49,7 +49,7 @@ def test_exact_kernels_change_nothing(make_config, models, kernel_repos, workloa
     else:
         assert result.metrics["loss_diff"] == 0.0 and result.metrics["grad_max_rel_diff"] == 0.0
         assert result.metrics["grad_err_ratio"] == 1.0 and result.metrics["grad_err_baseline"] > 0
-        assert "reference_note" not in result.tags
+        assert "reference_note" not in result.tags and "dropout" not in result.tags
 
 
 @pytest.mark.parametrize(("workload", "ratio"), [("decode", "err_ratio"), ("train", "grad_err_ratio")])
@@ -164,6 +164,54 @@ def test_train_per_layer_table_has_gradients(make_config, models, kernel_repos):
     assert all(r == 1.0 for r in ratios["RMSNorm"])  # exact: the same backward as eager
     assert all(r > 1.0 for r in ratios["SiLU"])  # rounded through bfloat16: a less accurate gradient
     assert result.metrics["layer_grad_err_ratio_max"] == max(ratios["SiLU"])
+    norm_weights = [row for row in rows if row["layer"] == "RMSNorm"]
+    assert all(float(row["eager_weight_grad_err"]) > 0 and float(row["weight_grad_err_ratio"]) == 1.0
+               for row in norm_weights)
+    assert all(row["weight_grad_err_ratio"] == "" for row in rows if row["layer"] == "SiLU")  # no parameters
+    assert result.metrics["layer_weight_grad_err_ratio_max"] == 1.0
+
+
+ONE_LAYER = "model.architecture.num_hidden_layers=1"
+GRADIENT_COLUMNS = ("eager_grad_err", "kernel_grad_err", "grad_err_ratio", "eager_weight_grad_err",
+                    "kernel_weight_grad_err", "weight_grad_err_ratio")
+
+
+def test_a_backward_writing_into_its_upstream_gradient_leaves_the_per_layer_reference_intact(
+        make_config, models, kernel_repos):
+    """Liger's RMSNorm writes dX into dY in place. The same exact arithmetic with and without that gets the same
+    per-layer gradient errors: the float64 backward does not run on what the kernel's backward left."""
+    tables = {}
+    for repo, layer in (("exact_rms", "ExactRMSNorm"), ("in_place_rms", "InPlaceRMSNorm")):
+        result = job(make_config, models, "workload=train", "dtype=fp32", ONE_LAYER,
+                     *local_kernel("RMSNorm", kernel_repos[repo], layer))
+        assert result.status == RunStatus.measured, result.reason
+        rows = list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+        tables[repo] = [{column: float(row[column]) for column in GRADIENT_COLUMNS} for row in rows]
+    assert len(tables["in_place_rms"]) == 3
+    assert tables["in_place_rms"] == tables["exact_rms"]
+    assert all(row["grad_err_ratio"] == 1.0 and row["weight_grad_err_ratio"] == 1.0 for row in tables["exact_rms"])
+
+
+def test_a_wrong_weight_gradient_shows_in_the_per_layer_table(make_config, models, kernel_repos):
+    """dX right, dW twice what it should be: the input gradients cannot tell, the weight gradients do."""
+    result = job(make_config, models, "workload=train", "dtype=fp32", ONE_LAYER,
+                 *local_kernel("RMSNorm", kernel_repos["wrong_weight_grad_rms"], "WrongWeightGradRMSNorm"))
+    assert result.status == RunStatus.measured, result.reason
+    rows = list(csv.DictReader(io.StringIO(result.artifacts["layers/layers.csv"])))
+    assert result.metrics["layer_grad_err_ratio_max"] == 1.0
+    assert all(float(row["weight_grad_err_ratio"]) > 1e3 for row in rows)
+    assert result.metrics["layer_weight_grad_err_ratio_max"] == max(float(row["weight_grad_err_ratio"])
+                                                                     for row in rows)
+
+
+def test_dropout_is_off_in_training_so_an_exact_kernel_changes_nothing(make_config, models, kernel_repos):
+    result = job(make_config, models, "workload=train", "dtype=fp32", ONE_LAYER,
+                 "+model.architecture.attention_dropout=0.5",
+                 *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm"))
+    assert result.status == RunStatus.measured, result.reason
+    assert result.metrics["loss_diff"] == 0.0 and result.metrics["grad_max_rel_diff"] == 0.0
+    assert result.metrics["grad_err_ratio"] == 1.0 and result.metrics["grad_err_baseline"] < 1e-5
+    assert "LlamaAttention.attention_dropout=0.5" in result.tags["dropout"]
 
 
 @pytest.mark.parametrize("workload", ["decode", "train"])

@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 from rich.markup import escape
 
 from sweep.records.exit_codes import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_OK, EXIT_REFUSED
+from sweep.records.fingerprint import fingerprint
 from sweep.records.results import JobResult
 from sweep.run.interruption import Terminated, describe, sigterm_raises
-from sweep.run.job import context_lost_result, job_name, job_params, plan_job, run_job
+from sweep.run.job import JobPlan, context_lost_result, job_name, job_params, plan_job, process_device, run_job
 from sweep.run.lease import gpu_lease
 from sweep.run.registration import register_configs
 from sweep.run.resume import job_key
@@ -25,7 +26,7 @@ from sweep.run.session import (
     end_unfinished_session,
     session_was_opened,
 )
-from sweep.run.startup import freeze_startup_objects, milestone, wait_for_cuda
+from sweep.run.startup import freeze_startup_objects, join_startup_threads, milestone, wait_for_cuda
 from sweep.run.validation import override_problems
 from sweep.run.workers import keep_this_worker
 
@@ -49,9 +50,12 @@ def sweep_job(cfg: DictConfig) -> None:
     label = escape(session.job_label(job_name(cfg, swept)))
     with (session.console.status(label) as spinner,
           gpu_lease(cfg.lease, waiting=lambda note: spinner.update(f"{label}: {note}")) as device):
+        plan = _plan(cfg)
+        # Also on a run that ends killed or cannot be planned: its machine, never a `cpu` that does not exist.
+        machine = fingerprint(plan.device if plan is not None else process_device())
         placement = _placement_tags() | (device.tags if device else {})
-        result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), tags=placement)
-        key = _resume_key(cfg)
+        result = JobResult(name=job_name(cfg, swept), params=job_params(cfg), tags=machine | placement)
+        key = job_key(cfg, plan.device, plan.resolved) if plan is not None else None
         previous = session.measured_before(key) if cfg.resume else None
         if previous is not None:
             session.skip_measured(result.name, key, previous)
@@ -64,8 +68,8 @@ def sweep_job(cfg: DictConfig) -> None:
         with sigterm_raises():
             try:
                 result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
-                                 swept=swept)
-                result.tags |= placement
+                                 swept=swept, plan=plan)
+                result.tags = started.tags | result.tags
                 result.uid = started.uid  # the record completes the run started for it, also from the spool
                 session.record(result, run_id)  # inside the lease: the run's start and end bound its GPU time
             except BaseException as stop:  # Ctrl-C, SIGTERM: the run ends KILLED, never stays RUNNING
@@ -81,10 +85,11 @@ def _placement_tags() -> dict[str, str]:
     return {"worker_pid": str(os.getpid())} | slurm
 
 
-def _resume_key(cfg: DictConfig) -> str | None:
-    """None for a job that cannot be planned: it runs, and its result says why."""
+def _plan(cfg: DictConfig) -> JobPlan | None:
+    """Once per job: its resume key and its run share the resolved kernels. None for a job that cannot be planned:
+    it runs, and its result says why."""
     try:
-        return job_key(cfg, plan_job(cfg).device)
+        return plan_job(cfg)
     except Exception:
         return None
 
@@ -114,6 +119,8 @@ def main() -> None:
         except BaseException as stop:  # Ctrl-C, a launcher whose job was killed
             abort_session(describe(stop))
             raise
+        finally:
+            join_startup_threads()  # here, where a Ctrl-C or SIGTERM while it waits interrupts the sweep
     sys.exit(EXIT_JOB_FAILED if close_session() else EXIT_OK)
 
 

@@ -22,6 +22,14 @@ class TimingMode(str, Enum):
     eager = "eager"
     both = "both"  # graph is the headline number; eager is logged beside it
 
+    def planned(self, device_type: str) -> tuple[TimingMode, ...]:
+        """The modes a job on `device_type` times in; the first gives its latencies and speedups."""
+        if self == TimingMode.auto:
+            return (TimingMode.graph,) if device_type == "cuda" else (TimingMode.eager,)
+        if self == TimingMode.both:
+            return (TimingMode.graph, TimingMode.eager)
+        return (self,)
+
 
 class KernelSourceMode(str, Enum):
     auto = "auto"  # the Hub when reachable or cached, else the bundled copy

@@ -222,39 +222,71 @@ class LayerGradientRecord:
     eager_grad_err: float  # isolated: the gradient for the module's input, eager backward vs float64
     kernel_grad_err: float  # the same through the kernel's backward
     grad_err_ratio: float  # kernel_grad_err / eager_grad_err
+    # The same for the gradients of the module's own parameters (e.g. a norm's weight); None: it has none.
+    eager_weight_grad_err: float | None
+    kernel_weight_grad_err: float | None
+    weight_grad_err_ratio: float | None
 
 
 def layer_gradients(
     model: torch.nn.Module, switch: KernelSwitch, input_ids: torch.Tensor, seed: int = 0
 ) -> list[LayerGradientRecord]:
-    """Per kernelized module, in forward order: its input's gradient through eager and through the kernel, each
-    against a float64 backward of the eager module, on the input the baseline forward gave it and one random
-    upstream gradient (the same for all three). Mean absolute errors."""
+    """Per kernelized module, in forward order: the gradients for its input and for its own parameters through
+    eager and through the kernel, each against a float64 backward of the eager module, on the input the baseline
+    forward gave it and one random upstream gradient (the same values for all three, each backward on its own
+    copy: Liger's RMSNorm writes its input's gradient into the upstream one). Mean absolute errors."""
     with _recording(switch.modules) as calls:
         forward_logits(model, input_ids)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     records = []
     for index, module in enumerate(calls.outputs):
-        module_input = calls.inputs[module].clone()  # outside inference mode: a tensor autograd can use
+        module_input = calls.inputs[module]
         upstream = torch.randn(calls.outputs[module].shape, generator=generator, device=input_ids.device,
                                dtype=calls.outputs[module].dtype)
-        eager = _input_gradient(partial(type(module).forward, module), module_input, upstream)
+        eager = _gradients(partial(type(module).forward, module), module, module_input, upstream)
         with switch.active():
-            kernel = _input_gradient(module, module_input, upstream)
+            kernel = _gradients(module, module, module_input, upstream)
         reference_module = copy.deepcopy(module).to(torch.float64)
         with KeepPrecision(torch.float64):
-            reference = _input_gradient(partial(type(module).forward, reference_module),
-                                        module_input.to(torch.float64), upstream.to(torch.float64))
-        eager_err, kernel_err = _errors(eager, reference)[1], _errors(kernel, reference)[1]
-        records.append(LayerGradientRecord(index, eager_err, kernel_err, error_ratio(kernel_err, eager_err)))
+            reference = _gradients(partial(type(module).forward, reference_module), reference_module,
+                                   module_input.to(torch.float64), upstream.to(torch.float64))
+        has_weights = reference[1].numel() > 0
+        records.append(LayerGradientRecord(
+            index, *_gradient_errors(eager[0], kernel[0], reference[0]),
+            *(_gradient_errors(eager[1], kernel[1], reference[1]) if has_weights else (None, None, None)),
+        ))
     return records
 
 
-def _input_gradient(forward, module_input: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    leaf = module_input.detach().requires_grad_(True)
+def _gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, module_input: torch.Tensor,
+    upstream: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient for `module_input`, and those for `module`'s parameters flattened into one tensor (empty: it
+    has none), of `forward(module_input)` for the gradient `upstream`. The backward gets its own copies of the
+    input and of `upstream`: a kernel may write into either in place."""
+    leaf = module_input.clone().requires_grad_(True)  # a copy outside inference mode: a tensor autograd can use
+    parameters = list(module.parameters())
     with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(forward(leaf), leaf, upstream)
-    return gradient
+        gradient, *weight_gradients = torch.autograd.grad(forward(leaf), [leaf, *parameters], upstream.clone(),
+                                                          materialize_grads=True)
+    return gradient, torch.cat([g.flatten() for g in weight_gradients]) if weight_gradients else gradient.new_empty(0)
+
+
+def _gradient_errors(eager: torch.Tensor, kernel: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float]:
+    """The eager and the kernel gradient's mean absolute errors against the reference, and their ratio."""
+    eager_err, kernel_err = _errors(eager, reference)[1], _errors(kernel, reference)[1]
+    return eager_err, kernel_err, error_ratio(kernel_err, eager_err)
+
+
+def layer_gradient_metrics(gradients: list[LayerGradientRecord]) -> dict[str, float]:
+    """The worst module's ratios: `layer_grad_err_ratio_max` (input gradients) and, when a kernelized module has
+    parameters, `layer_weight_grad_err_ratio_max` (their gradients)."""
+    metrics = {"layer_grad_err_ratio_max": max((g.grad_err_ratio for g in gradients), default=1.0)}
+    weight_ratios = [g.weight_grad_err_ratio for g in gradients if g.weight_grad_err_ratio is not None]
+    if weight_ratios:
+        metrics["layer_weight_grad_err_ratio_max"] = max(weight_ratios)
+    return metrics
 
 
 def layers_with_gradients_csv(records: list[LayerRecord], gradients: list[LayerGradientRecord]) -> str:

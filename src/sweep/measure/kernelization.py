@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from types import MethodType
+from types import MethodType, ModuleType
 
 import torch
 from huggingface_hub import HfApi
@@ -27,19 +27,21 @@ from kernels import (
     kernelize,
     use_kernel_mapping,
 )
+from kernels import python_deps as kernels_python_deps
+from kernels import resolver as kernels_resolver
 from kernels._versions import (
     select_revision_or_version,  # the resolution LayerRepository itself uses
 )
 
 from sweep.config import KernelSourceMode, KernelSpec
-from sweep.records.errors import JobConfigError, SkipJob
+from sweep.records.errors import JobConfigError, KernelImportError, SkipJob
 
 try:  # the HTTP client of huggingface_hub: httpx2 since huggingface_hub 2, httpx before
     from httpx2 import RequestError as HubRequestError
 except ImportError:
     from httpx import RequestError as HubRequestError
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,17 @@ class KernelRepository:
                 kernel = get_kernel(self.repo_id, revision=self.revision, backend=self.backend,
                                     trust_remote_code=self.trust_remote_code)
         except FileNotFoundError as error:
+            if not _raised_in(error, kernels_resolver):  # e.g. by the kernel's own import: it is broken
+                raise
             raise SkipJob(f"the kernel {self} has no build for {self.backend}: {str(error).splitlines()[0]}") from None
         except ImportError as error:
-            raise SkipJob(_missing_dependency(self, error)) from None
+            if not _raised_in(error, kernels_python_deps):  # kernels checks declared dependencies before importing
+                raise KernelImportError(
+                    f"importing the kernel {self} failed: {type(error).__name__}: {error}; this is not a dependency "
+                    "the kernel declares (\"python-depends\" in its build's metadata.json, which makes a machine "
+                    "without it skip the kernel): fix the kernel's import, or install what it imports"
+                ) from error
+            raise SkipJob(f"the kernel {self} cannot run here: {error}") from None
         layer = getattr(getattr(kernel, "layers", None), self.layer_name, None)
         if layer is None:
             raise JobConfigError(f"the kernel {self} defines no layer {self.layer_name!r} in its `layers` namespace")
@@ -80,14 +90,13 @@ class KernelRepository:
         return f"{where} (layer {self.layer_name})"
 
 
-def _missing_dependency(repository: KernelRepository, error: ImportError) -> str:
-    """A kernel whose Python dependency is absent cannot run here: name the package and how to install it."""
-    module = getattr(error, "name", None)
-    if isinstance(error, ModuleNotFoundError) and module:
-        package = module.split(".")[0].replace("_", "-")
-        return (f"the kernel {repository} needs the Python package {package!r} (module {module!r}), which is not "
-                f"installed: pip install {package}")
-    return f"the kernel {repository} cannot be imported: {error}"
+def _raised_in(error: BaseException, module: ModuleType) -> bool:
+    """Whether `module`'s own code raised `error` (its innermost frame), rather than code it ran, such as a
+    kernel's import."""
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    return innermost is not None and innermost.tb_frame.f_globals is vars(module)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ _LOWERING_METHODS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch
 
 class KeepPrecision(TorchFunctionMode):
     """Evaluates code written for low precision entirely in `dtype`: casts of `dtype` tensors to a lower
-    floating precision keep `dtype`. transformers' RMSNorm casts its input to float32, so without this a
-    "float64" forward would still normalise in float32."""
+    floating precision keep `dtype`, and so does an op on a `dtype` tensor asked for a lower precision result
+    (`dtype=` keyword). transformers' RMSNorm casts its input to float32 and its eager attention takes
+    `softmax(..., dtype=torch.float32)`, so without this a "float64" forward would still run those in float32."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -51,9 +52,9 @@ class KeepPrecision(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if args and isinstance(args[0], torch.Tensor) and args[0].dtype == self.dtype:
+            kwargs = {k: self._keep(v) for k, v in kwargs.items()}
             if func is torch.Tensor.to:
                 args = tuple(self._keep(a) for a in args)
-                kwargs = {k: self._keep(v) for k, v in kwargs.items()}
             elif func in _LOWERING_METHODS and self._keep(_LOWERING_METHODS[func]) is self.dtype:
                 return args[0]
         return func(*args, **kwargs)

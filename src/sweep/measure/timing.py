@@ -16,6 +16,7 @@ import torch
 from sweep.config import TimingConfig
 from sweep.measure.numerics import relative_error
 from sweep.measure.statistics import SpeedupEstimate, blocked_speedup
+from sweep.records.errors import GraphCheckError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input ids -> logits of the side that is selected
 Select = Callable[[], None]  # switches the model to one side (kernels on or off); never inside the timed region
@@ -54,10 +55,6 @@ class EagerRunner:
         self._forward(self._current)
 
 
-class GraphCheckError(RuntimeError):
-    """A graph replay disagreed with the eager forward: its timing would measure something else."""
-
-
 # cuBLAS may pick other algorithms under capture, so a replay can differ from eager by rounding, and a deep
 # random-init model amplifies rounding (seen: relative error 0.033 on the 8B shape in bf16, where other inputs'
 # outputs were only ~0.33 away). The old rule (error < 1e-2, or < 0.1 x the distance to the other inputs'
@@ -80,6 +77,27 @@ def replay_accepted(own_error: float, other_errors: list[float]) -> bool:
         return False
     nearest_own = bool(other_errors) and own_error * REPLAY_MARGIN <= min(other_errors)
     return own_error <= REPLAY_TOLERANCE or nearest_own
+
+
+_REPLAY_FIX = (": captured in a CUDA graph it computes something else (host values read at capture, a stream "
+               "sync or an allocation the graph does not own); fix that, or time it with timing.mode=eager")
+
+
+def check_replay(side: str, index: int, replayed: torch.Tensor, expected: list[torch.Tensor]) -> float:
+    """The relative error of `side`'s graph replay of input set `index` against that set's eager output
+    (`expected`: every input set's); GraphCheckError naming the side when the replay is not finite or did not
+    compute its own input (`replay_accepted`)."""
+    bad = int((~torch.isfinite(replayed)).sum())
+    if bad:
+        raise GraphCheckError(f"the {side} side's graph replay of input set {index} has {bad} non-finite "
+                              f"values{_REPLAY_FIX}")
+    error = relative_error(replayed, expected[index])
+    others = [relative_error(replayed, e) for i, e in enumerate(expected) if i != index]
+    if not replay_accepted(error, others):
+        nearest_other = f", {min(others):.3g} from another input's" if others else ""
+        raise GraphCheckError(f"the {side} side's graph replay of input set {index} is {error:.3g} (relative) from "
+                              f"its eager forward{nearest_other}: it did not compute this input{_REPLAY_FIX}")
+    return error
 
 
 class GraphPlacement:
@@ -113,7 +131,8 @@ class GraphRunner:
     is read (in the check): a replay may overwrite the other side's output, never its own."""
 
     def __init__(self, forward: Forward, inputs: list[torch.Tensor], select: Select = _no_switch,
-                 placement: GraphPlacement | None = None):
+                 placement: GraphPlacement | None = None, *, side: str):
+        self.side = side  # named by the replay check: baseline, kernel, ...
         self._forward = forward
         self._inputs = inputs
         self._select = select
@@ -149,21 +168,10 @@ class GraphRunner:
     def _check(self) -> float:
         """Replays every input set; returns the largest relative error against the eager forward."""
         worst = 0.0
-        for index, expected in enumerate(self._expected):
+        for index in range(len(self._expected)):
             self.prepare(index)
             self.run()
-            bad = int((~torch.isfinite(self.static_output)).sum())
-            if bad:
-                raise GraphCheckError(f"graph replay of input set {index} has {bad} non-finite values")
-            error = relative_error(self.static_output, expected)
-            others = [relative_error(self.static_output, e) for i, e in enumerate(self._expected) if i != index]
-            if not replay_accepted(error, others):
-                nearest_other = f", {min(others):.3g} from another input's" if others else ""
-                raise GraphCheckError(
-                    f"graph replay of input set {index} is {error:.3g} (relative) from its eager forward"
-                    f"{nearest_other}: it did not compute this input"
-                )
-            worst = max(worst, error)
+            worst = max(worst, check_replay(self.side, index, self.static_output, self._expected))
         return worst
 
     def prepare(self, input_index: int) -> None:

@@ -11,3 +11,13 @@ class JobConfigError(ValueError):
 
 class KernelOutputError(RuntimeError):
     """The kernelized forward produced NaN or Inf where the baseline did not: the kernel is broken (`failed`)."""
+
+
+class KernelImportError(RuntimeError):
+    """Importing the kernel failed on an import it does not declare as a dependency: the kernel is broken
+    (`failed`). A declared dependency that is missing is `SkipJob`."""
+
+
+class GraphCheckError(RuntimeError):
+    """A side's CUDA-graph replay was non-finite or did not compute its input: the side computes something else
+    when captured, so it is broken (`failed`), not timed eagerly instead as a capture that raises is."""

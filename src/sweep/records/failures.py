@@ -20,7 +20,7 @@ class FailureKind(str, Enum):
 
 # Errors after which the CUDA context stays broken: every later CUDA call in the process fails or lies.
 STICKY_CUDA_MARKERS = (
-    "device-side assert", "illegal memory access", "cudaErrorIllegalAddress", "cudaErrorLaunchFailure",
+    "device-side assert triggered", "illegal memory access", "cudaErrorIllegalAddress", "cudaErrorLaunchFailure",
     "unspecified launch failure", "cudaErrorAssert", "illegal instruction", "misaligned address",
     "cudaErrorMisalignedAddress", "CUDA error: an illegal",
 )
@@ -46,9 +46,16 @@ def classify(error: BaseException) -> FailureKind:
     return FailureKind.error
 
 
-def out_of_memory_reason(error: BaseException, phase: str, device: torch.device) -> str:
+# Where the GPU's memory is the system's (`gpu_memory_is_integrated`: a GB10), CUDA is not the only one to run out.
+INTEGRATED_MEMORY_NOTE = (
+    "; this GPU's memory is the system memory, shared with the CPU: the host's processes and page cache use it too, "
+    "and where the system runs out first the operating system's OOM killer ends a process without any CUDA error "
+    "(see `dmesg`)")
+
+
+def out_of_memory_reason(error: BaseException, phase: str, device: torch.device, integrated_memory: bool) -> str:
     """`out of GPU memory in timing: needed 2.00 GiB, free 1.12 GiB of 79.19 GiB`, from torch's message and the
-    device; on the CPU, the host's available memory."""
+    device; on the CPU, the host's available memory. `integrated_memory`: add INTEGRATED_MEMORY_NOTE."""
     text = str(error)
     where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "host"
     needed = _TRIED.search(text)
@@ -59,7 +66,8 @@ def out_of_memory_reason(error: BaseException, phase: str, device: torch.device)
         needed_text = f"{int(cpu_needed.group(1)) / 2**30:.2f} GiB"
     else:
         needed_text = "unknown (torch did not say)"
-    return f"out of {where} memory in {phase}: needed {needed_text}, free {_free_memory(text, device)}"
+    note = INTEGRATED_MEMORY_NOTE if integrated_memory else ""
+    return f"out of {where} memory in {phase}: needed {needed_text}, free {_free_memory(text, device)}{note}"
 
 
 def _free_memory(text: str, device: torch.device) -> str:

@@ -60,6 +60,12 @@ def code_version() -> str:
     return f"{version}.dirty-{hashlib.sha256(changes.encode()).hexdigest()[:12]}" if changes else version
 
 
+def gpu_memory_is_integrated(device: torch.device) -> bool:
+    """The GPU has no memory of its own: it uses the system's, shared with the CPU (a GB10, a Jetson). CUDA's
+    `integrated` device property."""
+    return device.type == "cuda" and bool(torch.cuda.get_device_properties(device).is_integrated)
+
+
 @cache
 def fingerprint(device: torch.device) -> dict[str, str]:
     tags = {
@@ -72,6 +78,7 @@ def fingerprint(device: torch.device) -> dict[str, str]:
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "cpu_model": _cpu_model(),
+        "cpu_arch": platform.machine(),
         "host": socket.gethostname(),
         "cuda_version": str(torch.version.cuda),
     }
@@ -81,9 +88,10 @@ def fingerprint(device: torch.device) -> dict[str, str]:
             "gpu_name": props.name,
             "device_capability": f"{props.major}.{props.minor}",
             "gpu_memory_gb": f"{props.total_memory / 2**30:.1f}",
+            "gpu_memory_integrated": str(gpu_memory_is_integrated(device)).lower(),
             "sm_count": str(props.multi_processor_count),
             "driver_version": _driver_version(),
         }
     else:
-        tags |= {"gpu_name": "cpu", "device_capability": "none"}
+        tags |= {"gpu_name": "cpu", "device_capability": "none", "gpu_memory_integrated": ""}
     return tags

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from statistics import median
 
 import torch
@@ -26,7 +25,7 @@ from sweep.config import (
 from sweep.measure.compilation import baseline_params, check_baseline, compiles
 from sweep.measure.kernelization import (
     KernelSwitch,
-    check_kernel_directory,
+    ResolvedKernel,
     check_layers_exist,
     resolve_kernel,
 )
@@ -36,17 +35,19 @@ from sweep.measure.timing import (
     KERNEL,
     SPEEDUP,
     EagerRunner,
+    Forward,
     GraphPlacement,
     GraphRunner,
     RoundsResult,
     Runner,
+    Select,
     timed_sides,
 )
 from sweep.measure.workloads import workload
 from sweep.measure.workloads.protocol import JobState, Sides, check_baseline_finite, check_kernel_finite
-from sweep.records.errors import JobConfigError, SkipJob
+from sweep.records.errors import GraphCheckError, JobConfigError, SkipJob
 from sweep.records.failures import FailureKind, classify, out_of_memory_reason
-from sweep.records.fingerprint import fingerprint
+from sweep.records.fingerprint import fingerprint, gpu_memory_is_integrated
 from sweep.records.redaction import redact_text
 from sweep.records.results import JobResult, RunStatus
 from sweep.run.lease import contention_tags
@@ -83,6 +84,7 @@ class JobPlan:
     dtype: torch.dtype
     reference_dtype: torch.dtype
     kernels: KernelsSelection
+    resolved: tuple[ResolvedKernel, ...]  # each of `kernels`, found (Hub commit, hash of local files), not loaded
     timing_modes: tuple[TimingMode, ...]  # the first gives latency_ms_*
 
 
@@ -130,48 +132,45 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
     } | baseline_params(cfg)
 
 
+def process_device() -> torch.device:
+    """Where this process runs jobs: the leased GPU (sweep/lease.py sets it), by index so that cached models stay
+    apart, or the CPU without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def plan_job(cfg: SweepConfig | DictConfig) -> JobPlan:
-    """Everything that can be checked before a model is touched."""
+    """Everything that can be checked before a model is touched, the kernels resolved (not loaded)."""
     kernels = kernel_selection(cfg.kernels)
     check_baseline(cfg)
     requested = DeviceChoice(cfg.device)
     if requested == DeviceChoice.cuda and not torch.cuda.is_available():
         raise SkipJob("device=cuda but no CUDA device is visible")
-    if requested == DeviceChoice.auto:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(requested.value)
-    if device.type == "cuda":  # the leased GPU (sweep/lease.py sets it), by index: cached models stay apart
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cpu") if requested == DeviceChoice.cpu else process_device()
     dtype = torch_dtype(cfg.dtype.torch_dtype)
     _check_dtype_runs(dtype, device)
     mode = TimingMode(cfg.timing.mode)
-    if mode == TimingMode.auto:
-        modes = (TimingMode.graph,) if device.type == "cuda" else (TimingMode.eager,)
-    elif mode == TimingMode.both:
-        modes = (TimingMode.graph, TimingMode.eager)
-    else:
-        modes = (mode,)
+    modes = mode.planned(device.type)
     if TimingMode.graph in modes and device.type != "cuda":
         raise JobConfigError(f"timing.mode={mode.value} needs CUDA graphs; use timing.mode=eager on {device.type}")
-    for layer, spec in kernels.specs.items():
-        if spec.path is not None:
-            check_kernel_directory(layer, Path(spec.path).expanduser())
-    return JobPlan(device, dtype, torch_dtype(cfg.dtype.reference), kernels, modes)
+    resolved = tuple(resolve_kernel(layer, spec, kernels.source) for layer, spec in kernels.specs.items())
+    return JobPlan(device, dtype, torch_dtype(cfg.dtype.reference), kernels, resolved, modes)
 
 
 def _check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
+    """torch has no kernel for `dtype` on `device` (NotImplementedError, "... not implemented for 'Float8_e4m3fn'"):
+    skipped. Any other error of the probe (out of memory, a broken CUDA context) is the job's failure."""
     try:
         probe = torch.ones(4, 4, dtype=dtype, device=device)
         (probe @ probe).sum().item()
-    except (RuntimeError, TypeError) as error:
+    except NotImplementedError as error:
         raise SkipJob(f"{dtype} does not run on {device}: {error}") from None
 
 
 def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHook | None = None,
-            swept: Sequence[tuple[str, str]] = ()) -> JobResult:
+            swept: Sequence[tuple[str, str]] = (), plan: JobPlan | None = None) -> JobResult:
     """Never raises for a bad combination: the result says skipped or failed, with the reason. `swept`: see
-    `job_name`. After running out of memory the model cache is dropped and memory released, so that the next job
+    `job_name`. `plan`: `plan_job(cfg)` when the caller made it already (its kernels are then not resolved
+    again). After running out of memory the model cache is dropped and memory released, so that the next job
     starts clean; after a sticky CUDA error (tag failure_kind=cuda_context_lost) nothing more can run in this
     process."""
     started = time.perf_counter()
@@ -181,7 +180,7 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
     failure = None
     device = torch.device("cpu")
     try:
-        plan = plan_job(cfg)
+        plan = plan_job(cfg) if plan is None else plan
         device = plan.device
         result.tags |= fingerprint(plan.device)
         _measure(cfg, plan, models, result, status or (lambda _: None), phases)
@@ -191,7 +190,7 @@ def run_job(cfg: SweepConfig | DictConfig, models: ModelCache, status: StatusHoo
         failure = classify(error)
         result.status, result.reason = RunStatus.failed, f"{type(error).__name__}: {error}"
         if failure == FailureKind.out_of_memory:
-            result.reason = out_of_memory_reason(error, phases.current, device)
+            result.reason = out_of_memory_reason(error, phases.current, device, gpu_memory_is_integrated(device))
         result.tags["failure_kind"] = failure.value
         result.tags["failure_phase"] = phases.current
         result.artifacts["traceback.txt"] = traceback.format_exc()
@@ -214,6 +213,8 @@ def context_lost_result(cfg: SweepConfig | DictConfig, failed_job: str,
                      "memory access, launch failure) leaves this process unable to measure; rerun this "
                      "combination in a new sweep")
     result.tags["failure_kind"] = FailureKind.cuda_context_lost.value
+    # The process's GPU: its properties (cached by torch and by `fingerprint`) are still read after a sticky error.
+    result.tags |= fingerprint(process_device())
     result.artifacts["config.yaml"] = redact_text(OmegaConf.to_yaml(cfg))
     return result
 
@@ -241,7 +242,7 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             raise JobConfigError(
                 f"prompt.length={cfg.prompt.length}{needs} exceeds the model's {max_positions} positions")
         check_layers_exist(model, list(plan.kernels.specs))
-        kernels = [resolve_kernel(layer, spec, plan.kernels.source) for layer, spec in plan.kernels.specs.items()]
+        kernels = list(plan.resolved)
         for kernel in kernels:
             result.params[f"kernel_{kernel.layer}"] = kernel.identity
             result.tags[f"kernel_source_{kernel.layer}"] = kernel.source
@@ -307,17 +308,28 @@ def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs
     before capture (graph): switching forwards is never inside a timed forward. The graph sides of a block
     share its memory pool and its random offset, so that where the block's buffers land cancels in the ratios."""
     with_kernel = switch is not None and sides.kernel is not None
-    make: Callable[..., Runner] = EagerRunner
-    if mode == TimingMode.graph:
-        make = partial(GraphRunner, placement=GraphPlacement(sides=1 + with_kernel + len(sides.others)))
+    placement = GraphPlacement(sides=1 + with_kernel + len(sides.others))
+
+    def make(side: str, forward: Forward, select: Select = lambda: None) -> Runner:
+        if mode == TimingMode.graph:
+            return GraphRunner(forward, inputs, select, placement, side=side)
+        return EagerRunner(forward, inputs, select)
+
     if with_kernel:
-        runners = {BASELINE: make(sides.baseline, inputs, lambda: switch.select(False)),
-                   KERNEL: make(sides.kernel, inputs, lambda: switch.select(True))}
+        runners = {BASELINE: make(BASELINE, sides.baseline, lambda: switch.select(False)),
+                   KERNEL: make(KERNEL, sides.kernel, lambda: switch.select(True))}
     else:
-        runners = {BASELINE: make(sides.baseline, inputs)}
+        runners = {BASELINE: make(BASELINE, sides.baseline)}
     for side in sides.others:
-        runners[side.name] = make(side.forward, inputs, side.select)
+        runners[side.name] = make(side.name, side.forward, side.select)
     return runners
+
+
+def capture_impossible(error: Exception) -> bool:
+    """Capture raised (a kernel that syncs or allocates on the host): the job is timed eagerly instead. Not a
+    replay that computed something else (GraphCheckError: that side is broken), nor running out of memory or a
+    lost CUDA context (the job's failure)."""
+    return not isinstance(error, GraphCheckError) and classify(error) == FailureKind.error
 
 
 def _comparisons(sides: Sides, runners: dict[str, Runner]) -> dict[str, tuple[str, str]]:
@@ -345,8 +357,8 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
         try:
             with phases("capture" if mode == TimingMode.graph else "timing"):
                 runners = _runners(mode, sides, switch, inputs)
-        except Exception as error:  # capture can fail for kernels that sync or allocate on the host
-            if mode != TimingMode.graph or classify(error) != FailureKind.error:  # memory, CUDA context: the job's
+        except Exception as error:
+            if mode != TimingMode.graph or not capture_impossible(error):
                 raise
             result.tags["timing_note"] = f"CUDA graph unusable, timed eagerly instead: {type(error).__name__}: {error}"
             if TimingMode.eager not in modes:

@@ -28,7 +28,7 @@ from sweep.run.validation import validate_jobs
 from sweep.store.spool import Spool, SpoolError
 from sweep.store.sync import Delivery
 from sweep.store.tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
-from sweep.views.summary import job_description, sweep_tables
+from sweep.views.summary import RESUMED, job_description, status_counts, sweep_tables
 
 T = TypeVar("T")
 # The parent run's id, set by the launching process before any job starts: jobs in other processes (local
@@ -105,9 +105,9 @@ class SweepSession:
             return None
 
     def skip_measured(self, name: str, job_key: str, run_id: str) -> None:
-        """resume=true: this combination was measured before, with the same configuration, machine and code."""
-        text = f"{name}: measured in run {run_id}"
-        self.tracker.note_resumed(self.sweep_id, job_key, text)
+        """resume=true: this combination was measured before, with the same configuration, kernels, machine and
+        code."""
+        self.tracker.note_resumed(self.sweep_id, job_key, name, run_id)
         self.console.print(f"{self.job_label(name)} [cyan]already measured[/] in run {run_id}, skipped (resume)")
 
     def record(self, result: JobResult, run_id: str | None = None) -> None:
@@ -139,17 +139,16 @@ class SweepSession:
         wall = time.perf_counter() - self.started
         title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
         self.delivery.flush()
-        jobs, resumed = self._stored_jobs()
-        stored = list(jobs.values())
-        counts = {s.value: sum(r.status == s for r in stored) for s in RunStatus}
+        jobs = self._stored_jobs()
+        counts = status_counts(list(jobs.values()))
         self._failed = counts[RunStatus.failed.value]
-        for table in sweep_tables(stored, title):
+        for table in sweep_tables(list(jobs.values()), title):
             self.console.print(table)
             milestone("table")
-        if resumed:
-            self.console.print("skipped, already measured (resume=false measures them again):\n  "
-                               + "\n  ".join(resumed))
-        self.console.print(", ".join(f"{v} {k}" for k, v in (counts | {"resumed": len(resumed)}).items()))
+        if counts[RESUMED]:
+            self.console.print("resumed: measured by an earlier sweep with the same configuration, kernels, machine "
+                               "and code (resume=false measures them again)")
+        self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
         if jobs and not self.delivery.store_down:
             # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
             from sweep.views.sweep_page import Links, report_files, sweep_page
@@ -159,17 +158,17 @@ class SweepSession:
                               report_files(self.tracker.uri, self.experiment, self.sweep_id))
             self._if_store_answers(lambda: self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts),
                                    "the sweep's page is not written")
-        summary = {f"jobs_{k}": v for k, v in counts.items()} | {"jobs_resumed": len(resumed), "wall_s": wall}
+        summary = {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall}
         self.delivery.end_sweep(self.sweep_id, summary | startup_metrics(), failed=self._failed > 0)
         self._print_way_in()
 
-    def _stored_jobs(self) -> tuple[dict[str, JobResult], list[str]]:
-        """The sweep's jobs and resumed combinations from the store, whichever process logged them; this process's
-        own results when the store does not answer."""
+    def _stored_jobs(self) -> dict[str, JobResult]:
+        """The sweep's jobs from the store by run id, whichever process logged them, those resumed (measured by an
+        earlier sweep) first; this process's own results when the store does not answer."""
         stored = self._if_store_answers(
-            lambda: (self.tracker.sweep_jobs(self.sweep_id), self.tracker.resumed(self.sweep_id)),
+            lambda: self.tracker.resumed_jobs(self.sweep_id) | self.tracker.sweep_jobs(self.sweep_id),
             "the tables below hold this process's jobs only")
-        return stored if stored is not None else ({r.uid: r for r in self.results}, [])
+        return stored if stored is not None else {r.uid: r for r in self.results}
 
     def _print_way_in(self) -> None:
         command = self.tracker.ui_command()

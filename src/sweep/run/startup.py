@@ -1,13 +1,15 @@
 """A sweep's start-up: seconds from process start to each milestone, logged on the parent run as `startup_s_*`;
 the CUDA and Triton start-up and the first model's host draw run in the background while the store opens; what
-start-up made is kept out of the garbage collector's way."""
+start-up made is kept out of the garbage collector's way until the process exits."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ _FIRST_IMPORT = time.monotonic()  # where /proc cannot say when the process star
 _milestones: dict[str, float] = {}  # name -> seconds since process start
 _durations: dict[str, float] = {}  # name -> seconds it took
 _device_thread: threading.Thread | None = None
+_startup_threads: list[threading.Thread] = []
 _cuda_started = threading.Event()
 _startup_frozen = False
 
@@ -54,10 +57,13 @@ def freeze_startup_objects() -> None:
     modules, the configurations, the store's client) where the garbage collector no longer scans them. Each job
     ends with a full collection; over half a million such objects made it take 0.25 to 0.35 s a job. The few
     hundred unreachable ones start-up leaves are frozen with them: cheaper than a full collection to find them.
-    Later, never: a job's own objects must stay collectable."""
+    Later, never: a job's own objects must stay collectable. At exit they are unfrozen: the interpreter's last
+    collections skip frozen objects, and those left alive outlive the extension modules that made them (Triton's
+    nanobind module, from Triton 3.9, then prints a leak report after the sweep's own last line)."""
     global _startup_frozen
     if not _startup_frozen:
         gc.freeze()
+        atexit.register(gc.unfreeze)
         _startup_frozen = True
 
 
@@ -68,8 +74,7 @@ def start_cuda_in_background() -> None:
     leases would show this process on it (`gpu_contended`). The first job waits for CUDA (`wait_for_cuda`)."""
     global _device_thread
     if _device_thread is None:
-        _device_thread = threading.Thread(target=_start_device, name="sweep-device-startup", daemon=True)
-        _device_thread.start()
+        _device_thread = _start_thread(_start_device, "sweep-device-startup")
 
 
 def draw_model_in_background(model: DictConfig) -> None:
@@ -77,7 +82,22 @@ def draw_model_in_background(model: DictConfig) -> None:
     fills them without holding the GIL, while this thread opens the store. The job that needs them waits for the
     draw; one that failed here is drawn again there, and reports its error."""
     if draws_on_host(model):
-        threading.Thread(target=_draw_quietly, args=(model,), name="sweep-model-draw", daemon=True).start()
+        _start_thread(_draw_quietly, "sweep-model-draw", model)
+
+
+def _start_thread(target: Callable[..., None], name: str, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=name)
+    thread.start()
+    _startup_threads.append(thread)
+    return thread
+
+
+def join_startup_threads() -> None:
+    """Waits for the start-up threads: a sweep can end before any job waited for them (every job resumed, the store
+    refused). The interpreter waits for them at exit too, but it ignores a Ctrl-C there, and a thread it then
+    abandons inside torch aborts the process (`terminate called without an active exception`, exit 134)."""
+    for thread in _startup_threads:
+        thread.join()
 
 
 def _draw_quietly(model: DictConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import tempfile
@@ -9,10 +10,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -32,6 +34,10 @@ DESCRIPTION_LIMIT = MAX_TAG_VAL_LENGTH  # a run's description is its `mlflow.not
 # A job's resume key (sweep/resume.py) on its run. Not named like `*_key`: redaction hides the values of such tags.
 RESUME_TAG = "combination_hash"
 RESUMED_TAG_PREFIX = "resumed."  # on the parent run: one tag per combination skipped as already measured
+RESUMED_NOTE = ": measured in run "  # such a tag's value: `<job name>: measured in run <run id>`
+# On a job read back for a sweep that resumed it (never logged): the resuming sweep's id; the run's own `sweep_id`
+# names the sweep that measured it.
+RESUMED_BY_TAG = "resumed_by_sweep"
 
 JOB_UID_TAG = "job_uid"  # JobResult.uid: finds a run again when an upload is retried from the spool
 
@@ -69,26 +75,39 @@ def check_server_reachable(uri: str, timeout_s: float = 10.0) -> None:
             f"cannot reach MLflow server {redact_uri(uri)}: {reason}; start it (mlflow server ...)") from None
 
 
+def open_store(cfg: TrackingConfig) -> MlflowClient:
+    """A client of the store `cfg.uri`, with bounded waits; ConnectionError when it is a server that does not answer.
+    A local sqlite file's folder is made, and its tables are created or upgraded by one process at a time."""
+    configure_http_retries(cfg)
+    check_server_reachable(cfg.uri)
+    with _sqlite_store_lock(cfg.uri):
+        return MlflowClient(tracking_uri=cfg.uri)  # creates or upgrades a sqlite store's tables
+
+
+def open_experiment(client: MlflowClient, cfg: TrackingConfig) -> str:
+    """The id of the experiment `cfg.experiment`, created when missing (a server owns its artifacts; a local store
+    keeps them under `cfg.artifact_root`), marked as holding model-training runs for the UI."""
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    elif cfg.uri.startswith(("http://", "https://")):
+        experiment_id = client.create_experiment(cfg.experiment)
+    else:
+        artifacts = Path(cfg.artifact_root).expanduser().resolve()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
 class Tracker:
     """`describe`: a job's result in one line, the child run's description (the views layer writes it)."""
 
     def __init__(self, cfg: TrackingConfig, describe: Callable[[JobResult], str]):
         self.describe = describe
-        configure_http_retries(cfg)
-        check_server_reachable(cfg.uri)
-        _ensure_sqlite_folder(cfg.uri)
-        self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.client = open_store(cfg)
         self.uri = cfg.uri
         self.experiment = cfg.experiment
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is not None:
-            self.experiment_id = experiment.experiment_id
-        elif cfg.uri.startswith(("http://", "https://")):
-            self.experiment_id = self.client.create_experiment(cfg.experiment)  # the server owns artifacts
-        else:
-            artifacts = Path(cfg.artifact_root).expanduser().resolve()
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
-        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.experiment_id = open_experiment(self.client, cfg)
 
     def start_sweep(self, name: str, tags: dict[str, str]) -> str:
         tags = redact_mapping(tags | {"sweep_role": "parent"})
@@ -133,13 +152,21 @@ class Tracker:
             [self.experiment_id], f"tags.{RESUME_TAG} = '{job_key}' and tags.run_status = 'measured'", max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def note_resumed(self, sweep_id: str, job_key: str, text: str) -> None:
-        self.client.set_tag(sweep_id, f"{RESUMED_TAG_PREFIX}{job_key[:16]}", text)
+    def note_resumed(self, sweep_id: str, job_key: str, name: str, run_id: str) -> None:
+        """The sweep skips its job `name`: run `run_id`, of an earlier sweep, measured it."""
+        self.client.set_tag(sweep_id, f"{RESUMED_TAG_PREFIX}{job_key[:16]}", f"{name}{RESUMED_NOTE}{run_id}")
 
-    def resumed(self, sweep_id: str) -> list[str]:
-        """What `note_resumed` recorded on the sweep: the combinations it skipped."""
-        tags = self.client.get_run(sweep_id).data.tags
-        return sorted(v for k, v in tags.items() if k.startswith(RESUMED_TAG_PREFIX))
+    def resumed_jobs(self, sweep_id: str) -> dict[str, JobResult]:
+        """The earlier runs that measured the jobs the sweep skipped (`note_resumed`), as the store holds them, by
+        run id in the order they ran: named as in this sweep and tagged RESUMED_BY_TAG."""
+        names = resumed_runs(self.client.get_run(sweep_id))
+        runs = sorted((self.client.get_run(run_id) for run_id in names), key=lambda run: run.info.start_time)
+        jobs = {}
+        for run in runs:
+            job = _job_result(run)
+            job.name, job.tags[RESUMED_BY_TAG] = names[run.info.run_id], sweep_id
+            jobs[run.info.run_id] = job
+        return jobs
 
     def _children(self, sweep_id: str, condition: str = "") -> list:
         query = f"tags.sweep_id = '{sweep_id}' and tags.sweep_role = 'job'" + (f" and {condition}" if condition else "")
@@ -194,12 +221,7 @@ class Tracker:
             page = self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time ASC"],
                                            page_token=token)
             for run in page:
-                tags = run.data.tags
-                jobs[run.info.run_id] = JobResult(
-                    name=run.info.run_name, params=dict(run.data.params),
-                    status=RunStatus(tags.get("run_status", RunStatus.failed.value)),
-                    reason=tags.get("status_reason", ""), metrics=dict(run.data.metrics),
-                    tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")})
+                jobs[run.info.run_id] = _job_result(run)
             token = page.token
             if not token:
                 return jobs
@@ -244,6 +266,23 @@ class Tracker:
             self.client.log_artifacts(run_id, folder)
 
 
+def resumed_runs(sweep: Run) -> dict[str, str]:
+    """The runs of earlier sweeps that the parent run `sweep` resumed, by run id: each with its job's name in
+    `sweep`."""
+    notes = (value.rpartition(RESUMED_NOTE) for key, value in sweep.data.tags.items()
+             if key.startswith(RESUMED_TAG_PREFIX))
+    return {run_id: name for name, _, run_id in notes}
+
+
+def _job_result(run: Run) -> JobResult:
+    """A job run as the store holds it; artifacts are not read back."""
+    tags = run.data.tags
+    return JobResult(name=run.info.run_name, params=dict(run.data.params),
+                     status=RunStatus(tags.get("run_status", RunStatus.failed.value)),
+                     reason=tags.get("status_reason", ""), metrics=dict(run.data.metrics),
+                     tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")})
+
+
 def _without_credentials(uri: str) -> str:
     parts = urllib.parse.urlsplit(uri)
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
@@ -267,7 +306,21 @@ def non_finite_metric_tags(metrics: dict[str, float]) -> dict[str, str]:
         {NAN_METRICS_TAG: ",".join(nan)} if nan else {})
 
 
-def _ensure_sqlite_folder(uri: str) -> None:
+@contextmanager
+def _sqlite_store_lock(uri: str) -> Iterator[None]:
+    """For a local sqlite store: its folder made, and held while MLflow opens the file, an exclusive lock on that
+    folder (no file left beside the store; a read-only folder locks too). MLflow creates and upgrades a store's
+    tables unguarded: sweeps started at once on a new store each did, and all but one failed (`table
+    _alembic_tmp_metrics already exists`, `Online migration expected to match one row`)."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        Path(uri[len(prefix):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if not uri.startswith(prefix):
+        yield
+        return
+    folder = Path(uri[len(prefix):]).expanduser().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when closed, also by a process that is killed
+        yield
+    finally:
+        os.close(handle)

@@ -11,6 +11,7 @@ from itertools import groupby
 from matplotlib.figure import Figure
 
 from sweep.records.results import JobResult
+from sweep.views.formatting import TIMING_MARKER_NOTE, timing_marker
 from sweep.views.summary import configuration, grouped, varying_configuration
 
 BAR_WIDTH = 0.8
@@ -50,7 +51,9 @@ def speedup_chart(results: Sequence[JobResult], title: str) -> bytes | None:
         ax.axvline(boundary, color="lightgrey", linewidth=1)
     ax.set_ylabel("speedup (baseline / kernel)")
     wrapped = textwrap.wrap(title, width=int(width * 11))
-    ax.set_title("\n".join([*wrapped, "bars: speedup, whiskers: 95% interval, dashed: no change"]))
+    legend = ["bars: speedup, whiskers: 95% interval, dashed: no change"]
+    legend += [TIMING_MARKER_NOTE] if any(timing_marker(r.params | r.tags) for r in ordered) else []
+    ax.set_title("\n".join([*wrapped, *legend]))
     ax.margins(y=0.25)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -65,5 +68,6 @@ def _bar(ax, position: float, job: JobResult, colour: str) -> None:
     speedup = metrics["speedup"]
     errors = [[max(0.0, speedup - metrics["speedup_ci_low"])], [max(0.0, metrics["speedup_ci_high"] - speedup)]]
     ax.bar(position, speedup - 1.0, BAR_WIDTH, bottom=1.0, yerr=errors, capsize=4, color=colour)
-    ax.annotate(f"{speedup:.3f}x", (position, metrics["speedup_ci_high"]), xytext=(0, 3),
-                textcoords="offset points", ha="center", va="bottom", fontsize="small")
+    label = f"{speedup:.3f}x{timing_marker(job.params | job.tags)}"
+    ax.annotate(label, (position, metrics["speedup_ci_high"]), xytext=(0, 3), textcoords="offset points",
+                ha="center", va="bottom", fontsize="small")

@@ -11,7 +11,7 @@ from statistics import median_low
 
 import pandas as pd
 
-from sweep.views.formatting import format_number
+from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, timing_marker
 
 Row = Mapping[str, object]  # one run: params, metrics and tags by name, plus run_status and status_reason
 
@@ -32,7 +32,7 @@ COMPILE_METRICS = (
 GROUP = ("model", "dtype", "prompt_len", "batch_size", "gpu")
 HEADER = "torch.compile against the kernels"
 CAPTION = ("x / y: how many times faster x is than y (y's time over x's), timed in the same rounds, with its 95% "
-           "interval; ~: the interval includes 1")
+           f"interval; ~: the interval includes 1; {TIMING_MARKER_NOTE}")
 
 
 def is_compile_run(row: Row) -> bool:
@@ -76,14 +76,15 @@ def _value(row: Row, name: str) -> float | None:
 
 
 def ratio(row: Row, name: str, digits: int = 2) -> str:
-    """`1.23x [1.20, 1.26]` from the metric `name` and its interval; `~` when the interval includes 1."""
+    """`1.23x [1.20, 1.26]` from the metric `name` and its interval; `~` when the interval includes 1, and the
+    row's `timing_marker`."""
     value, low, high = (_value(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
     if value is None:
         return "-"
     if low is None or high is None:
-        return f"{value:.{digits}f}x [no interval]"
+        return f"{value:.{digits}f}x [no interval]{timing_marker(row)}"
     marker = " ~" if low <= 1.0 <= high else ""
-    return f"{value:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}"
+    return f"{value:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}{timing_marker(row)}"
 
 
 def _number(row: Row, name: str, spec: str) -> str:
@@ -185,10 +186,9 @@ def headline(rows: Sequence[Row]) -> str:
 
 def _inverse(row: Row, name: str) -> str:
     """The ratio the other way round: 1/x with the interval [1/high, 1/low]."""
-    inverted = {name: 1 / v for name, v in [(name, _value(row, name))] if v}
-    low, high = _value(row, name + "_ci_low"), _value(row, name + "_ci_high")
-    if low and high:
-        inverted |= {name + "_ci_low": 1 / high, name + "_ci_high": 1 / low}
+    value, low, high = (_value(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
+    inverted = {**row, name: 1 / value if value else None, name + "_ci_low": 1 / high if low and high else None,
+                name + "_ci_high": 1 / low if low and high else None}
     return ratio(inverted, name)
 
 

@@ -1,9 +1,15 @@
-"""How the tables write a metric: `-` when it is missing, ∞ for an infinite one, also as MLflow stores it."""
+"""How the tables write a metric: `-` when it is missing, ∞ for an infinite one, also as MLflow stores it; and
+how every view marks a speedup that was not timed as its job asked."""
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
+
+from sweep.config import TimingMode
+
+TIMING_MARKER_NOTE = "(eager): timed eagerly, as its CUDA graph could not be captured, unlike the unmarked speedups"
 
 
 def format_number(value: float | None, fmt: str) -> str:
@@ -13,3 +19,15 @@ def format_number(value: float | None, fmt: str) -> str:
     if abs(value) >= sys.float_info.max:
         return "∞" if value > 0 else "-∞"
     return format(value, fmt)
+
+
+def timing_marker(run: Mapping[str, object]) -> str:
+    """` (eager)` after the speedups of a run whose tag `timing_mode_used` is not the mode its param `timing_mode`
+    planned on its machine (tag `gpu_name`): a run whose CUDA graph could not be captured is timed eagerly, and a
+    column must not mix it unmarked with the runs timed with graphs. Empty where the run does not say."""
+    used, requested = run.get("timing_mode_used"), run.get("timing_mode")
+    if not isinstance(used, str) or not used or requested not in {mode.value for mode in TimingMode}:
+        return ""
+    device_type = "cpu" if run.get("gpu_name") in (None, "", "cpu") else "cuda"
+    planned = TimingMode(requested).planned(device_type)[0]
+    return "" if used == planned.value else f" ({used})"

@@ -15,10 +15,12 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.store.tracking import check_server_reachable
+from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, resumed_runs
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import COMPILE_METRICS, CompileTable, compile_tables
 from sweep.views.comparison import HEADER as COMPILE_HEADER
+from sweep.views.formatting import TIMING_MARKER_NOTE, timing_marker
+from sweep.views.summary import RESUMED
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "kernel-sweep"
@@ -39,11 +41,11 @@ METRICS = (
 )
 # Runs whose fingerprints differ in any of these are never compared as if they came from the same machine.
 FINGERPRINT = (
-    "gpu_name", "device_capability", "gpu_memory_gb", "sm_count", "driver_version", "cuda_version", "cpu_model",
-    "host", "torch_version", "transformers_version", "kernels_version", "triton_version", "liger_kernel_version",
-    "sweep_version", "git_commit", "git_dirty",
+    "gpu_name", "device_capability", "gpu_memory_gb", "gpu_memory_integrated", "sm_count", "driver_version",
+    "cuda_version", "cpu_model", "cpu_arch", "host", "torch_version", "transformers_version", "kernels_version",
+    "triton_version", "liger_kernel_version", "sweep_version", "git_commit", "git_dirty",
 )
-TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role", "timing_mode_used")
+TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role", "timing_mode_used", RESUMED_BY_TAG)
 KERNEL_PARAM_PREFIX = "kernel_"  # kernel_<Layer>: which kernel ran (hub:repo@commit, local:path@hash, ...)
 # One table section per configuration and GPU; one row per kernel subset.
 CONFIG = ("model", "dtype", "prompt_len", "batch_size", "timing_mode")
@@ -61,8 +63,11 @@ class ReportError(Exception):
 def load_runs(
     uris: Sequence[str], experiment: str, sweep_ids: Sequence[str] = (), filter_string: str | None = None
 ) -> pd.DataFrame:
-    """All child runs of `experiment` in every store, one row each, with bare column names and a `store` column."""
-    rows = [_flatten(run, uri) for uri in uris for run in _search_store(uri, experiment, sweep_ids, filter_string)]
+    """All child runs of `experiment` in every store, one row each, with bare column names and a `store` column.
+    With `sweep_ids`, those sweeps' runs and the earlier runs whose results they resumed (RESUMED_BY_TAG: the sweep
+    that resumed each)."""
+    rows = [_flatten(run, uri) | marks for uri in uris
+            for run, marks in _search_store(uri, experiment, sweep_ids, filter_string)]
     frame = pd.DataFrame(rows)
     known = [*PARAMS, *TAGS, *METRICS, "run_id", "store", "start_time"]
     frame = frame.reindex(columns=[*known, *(c for c in frame.columns if c not in known)])
@@ -78,11 +83,18 @@ def load_runs(
     return frame
 
 
-def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str], user_filter: str | None) -> Iterator[Run]:
+def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str],
+                  user_filter: str | None) -> Iterator[tuple[Run, dict[str, str]]]:
+    """Each run with the columns it adds: RESUMED_BY_TAG for an earlier run whose result a sweep resumed."""
     client, experiment_id = _open_experiment(uri, experiment)
     base = ["tags.sweep_role = 'job'"] + ([user_filter] if user_filter else [])
-    filters = [" and ".join([*base, f"tags.sweep_id = '{s}'"]) for s in sweep_ids] or [" and ".join(base)]
-    for filter_string in filters:
+    filters = [(" and ".join([*base, f"tags.sweep_id = '{s}'"]), {}) for s in sweep_ids] or [(" and ".join(base), {})]
+    for sweep_id in sweep_ids:  # a sweep of another store has no parent run in this one
+        for parent in client.search_runs([experiment_id], f"attributes.run_id = '{sweep_id}'"):
+            resumed = ", ".join(f"'{run_id}'" for run_id in resumed_runs(parent))
+            if resumed:
+                filters.append((" and ".join([*base, f"attributes.run_id IN ({resumed})"]), {RESUMED_BY_TAG: sweep_id}))
+    for filter_string, marks in filters:
         token = None
         while True:
             try:
@@ -90,7 +102,7 @@ def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str], user_filt
             except MlflowException as e:
                 raise ReportError(f"search in {uri} failed for filter {filter_string!r}: {e.message}; "
                                   "check --filter (MLflow search syntax, e.g. \"params.dtype = 'bf16'\")") from e
-            yield from page
+            yield from ((run, marks) for run in page)
             token = page.token
             if not token:
                 break
@@ -203,11 +215,6 @@ def kernel_labels(runs: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def mode_marker(mode_used: str) -> str:
-    """Speedups measured without CUDA graphs are marked, so that a column never mixes them unmarked."""
-    return "" if mode_used in ("graph", "") or pd.isna(mode_used) else f" ({mode_used})"
-
-
 def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """The original report's table: one (title, table) per configuration and GPU, one row per kernel subset."""
     sections = []
@@ -235,8 +242,8 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
         "kernels": group["kernel_label"] if "kernel_label" in group else group["kernels"],
         "baseline ms": group["latency_ms_baseline"].map(lambda v: _fmt(v, ".3f")),
         "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
-        "speedup [CI]": [_speedup(r.speedup, r.speedup_ci_low, r.speedup_ci_high) + mode_marker(r.timing_mode_used)
-                         if not pd.isna(r.speedup) else "" for r in group.itertuples()],
+        "speedup [CI]": [_speedup(r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"]) + timing_marker(r)
+                         if not pd.isna(r["speedup"]) else "" for r in group.to_dict("records")],
     })
     workload = group["workload"].iloc[0] if len(group) else WORKLOADS[0]
     for column, metric, spec in ACCURACY_COLUMNS.get(workload, DEFAULT_ACCURACY_COLUMNS):
@@ -248,7 +255,8 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
         table["timing used"] = group["timing_mode_used"]
     if (group["hidden_runs"] > 0).any():
         table["other runs"] = group["hidden_runs"].astype(int)
-    table["status"] = [_status(r.run_status, r.status_reason) for r in group.itertuples()]
+    table["status"] = [RESUMED if resumed else _status(r.run_status, r.status_reason)
+                       for r, resumed in zip(group.itertuples(), group[RESUMED_BY_TAG])]
     return table.reset_index(drop=True)
 
 
@@ -267,7 +275,8 @@ def export_table(runs: pd.DataFrame) -> pd.DataFrame:
     compiled = [c for c in COMPILE_METRICS if c in runs.columns]
     columns = ["workload", "baseline", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, *compiled,
                "timing_mode_used",
-               "run_status", "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id", "run_id", "store",
+               "run_status", RESUMED_BY_TAG, "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id",
+               "run_id", "store",
                "start_time"]
     return runs[columns]
 
@@ -316,14 +325,14 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
 
 
 def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
-    """The speedup pivot as text, each speedup marked with the timing mode it was measured in (unless graph)."""
+    """The speedup pivot as text, each speedup with its run's `timing_marker`."""
     pivot = speedup_pivot(runs)
     gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
-    modes = runs.assign(kernels=kernel_labels(runs)).pivot(index=[*CONFIG, "kernels"], columns="gpu",
-                                                             values="timing_mode_used")
-    modes = modes.reindex(pd.MultiIndex.from_frame(pivot[[*CONFIG, "kernels"]]))[gpus].to_numpy()
-    pivot[gpus] = [[("" if pd.isna(v) else f"{v:.2f}x" + mode_marker(m)) for v, m in zip(values, row_modes)]
-                   for values, row_modes in zip(pivot[gpus].to_numpy(), modes)]
+    marked = runs.assign(kernels=kernel_labels(runs), marker=[timing_marker(r) for r in runs.to_dict("records")])
+    markers = marked.pivot(index=[*CONFIG, "kernels"], columns="gpu", values="marker")
+    markers = markers.reindex(pd.MultiIndex.from_frame(pivot[[*CONFIG, "kernels"]]))[gpus].to_numpy()
+    pivot[gpus] = [[("" if pd.isna(v) else f"{v:.2f}x{m}") for v, m in zip(values, row_markers)]
+                   for values, row_markers in zip(pivot[gpus].to_numpy(), markers)]
     return pivot
 
 
@@ -339,9 +348,24 @@ def _intro(runs: pd.DataFrame) -> str:
     sweeps = ", ".join(runs["sweep_id"].unique())
     hidden = int(runs["hidden_runs"].sum())
     return (f"{len(runs)} runs (per configuration, kernels and machine the latest measured one, else the latest; "
-            f"{hidden} other runs hidden, counted in 'other runs') from {stores}; sweeps: {sweeps}. "
-            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets; timed with "
-            "CUDA graphs unless marked (eager). An infinite ratio is printed as ∞.")
+            f"{hidden} other runs hidden, counted in 'other runs') from {stores}; sweeps: {sweeps}; "
+            f"machines: {_machines(runs)}. "
+            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets, timed as "
+            f"timing_mode says (auto: CUDA graphs on a GPU, eager on the CPU); {TIMING_MARKER_NOTE}. An infinite "
+            "ratio is printed as ∞.")
+
+
+def _machines(runs: pd.DataFrame) -> str:
+    """Each GPU label with its CPU architecture and GPU memory, as far as the fingerprint recorded them."""
+    described = []
+    for gpu, run in runs.drop_duplicates("gpu").set_index("gpu").iterrows():
+        facts = [f"{run['cpu_arch']} CPU"] if run["cpu_arch"] else []
+        if run["gpu_memory_integrated"] == "true":
+            facts.append(f"{run['gpu_memory_gb']} GB of GPU memory integrated: the system's, shared with the CPU")
+        elif run["gpu_memory_integrated"] == "false":
+            facts.append(f"{run['gpu_memory_gb']} GB of GPU memory")
+        described.append(f"{gpu} ({', '.join(facts)})" if facts else str(gpu))
+    return "; ".join(described)
 
 
 def _markdown(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:

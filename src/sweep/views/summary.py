@@ -9,12 +9,13 @@ import pandas as pd
 from rich.table import Table
 
 from sweep.records.results import JobResult, RunStatus
+from sweep.store.tracking import RESUMED_BY_TAG
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import compile_tables, is_compile_run, job_rows, ratio
-from sweep.views.formatting import format_number
+from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, timing_marker
 
-SUMMARY_CAPTION = "~ : the speedup's 95% interval includes 1 (no measurable difference)"
+SUMMARY_CAPTION = f"~ : the speedup's 95% interval includes 1 (no measurable difference); {TIMING_MARKER_NOTE}"
 ACCURACY_CAPTION = "err_ratio > 1: the kernel is further from the float32/64 reference than eager"
 # What makes a configuration: the jobs of one configuration differ only in their kernel subset.
 CONFIGURATION_PARAMS = ("model", "dtype", "prompt_len", "batch_size", "device", "timing_mode")
@@ -29,16 +30,31 @@ def _speedup(result: JobResult, digits: int = 3) -> str:
     if "speedup" not in result.metrics:
         return "-"
     m = result.metrics
+    timing = timing_marker(result.params | result.tags)
     if "speedup_ci_low" not in m:  # a record without its interval says so rather than inventing one
-        return f"{m['speedup']:.{digits}f}x [no interval]"
+        return f"{m['speedup']:.{digits}f}x [no interval]{timing}"
     marker = "" if m.get("speedup_significant", 0.0) else " ~"
     return (f"{m['speedup']:.{digits}f}x [{m['speedup_ci_low']:.{digits}f}, "
-            f"{m['speedup_ci_high']:.{digits}f}]{marker}")
+            f"{m['speedup_ci_high']:.{digits}f}]{marker}{timing}")
+
+
+RESUMED = "resumed"  # a job this sweep skipped (resume=true): an earlier sweep's run measured it
+
+
+def status_word(result: JobResult) -> str:
+    """The run's status, or `resumed` for a job an earlier sweep measured."""
+    return RESUMED if RESUMED_BY_TAG in result.tags else result.status.value
+
+
+def status_counts(results: Sequence[JobResult]) -> dict[str, int]:
+    """How many jobs have each status; resumed ones counted apart from those this sweep measured."""
+    words = [status_word(result) for result in results]
+    return {word: words.count(word) for word in (*(status.value for status in RunStatus), RESUMED)}
 
 
 def _status(result: JobResult) -> str:
     if result.status == RunStatus.measured:
-        return "measured"
+        return status_word(result)
     reason = " ".join(result.reason.split())  # one line, so a traceback cannot break a table
     reason = reason if len(reason) <= 80 else reason[:77] + "..."
     return f"{result.status.value}: {reason}"
@@ -129,7 +145,7 @@ ACCURACY_COLUMNS: tuple[Column, ...] = (
     ("kl_div", lambda r: _number(r, "kl_div", ".2e")),
     ("top5", lambda r: _number(r, "top5_overlap", ".3f")),
     ("gen_match", lambda r: _number(r, "gen_match", ".3f")),
-    ("status", lambda r: r.status.value),
+    ("status", status_word),
 )
 
 
@@ -199,7 +215,7 @@ def job_description(result: JobResult) -> str:
     elif "latency_ms_baseline" in result.metrics:  # kernels=none: the baseline alone
         parts.append(f"baseline {_number(result, 'latency_ms_baseline', '.4f')} ms")
     if "compile_speedup" in result.metrics:
-        parts.append(f"torch.compile {ratio(result.metrics, 'compile_speedup', 3)}")
+        parts.append(f"torch.compile {ratio(result.params | result.tags | result.metrics, 'compile_speedup', 3)}")
     if "max_abs_diff" in result.metrics:
         parts.append(f"max diff {_number(result, 'max_abs_diff', '.4g')}")
     if "err_ratio" in result.metrics:

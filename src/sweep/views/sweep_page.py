@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sweep.records.results import JobResult, RunStatus
+from sweep.records.results import JobResult
 from sweep.views import report
 from sweep.views.charts import speedup_chart
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
@@ -25,6 +25,7 @@ from sweep.views.summary import (
     by_workload,
     grouped,
     has_accuracy,
+    status_counts,
     summary_columns,
     table_frame,
 )
@@ -85,7 +86,7 @@ def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: 
                  run_link: Callable[[JobResult], str], links: Links, artifacts: Sequence[str]) -> str:
     """The markdown description with the first `rows` jobs of `ordered` in its tables."""
     shown, total = ordered[:rows], len(ordered)
-    counts = ", ".join(f"{sum(r.status == s for r in ordered)} {s.value}" for s in RunStatus)
+    counts = ", ".join(f"{count} {status}" for status, count in status_counts(ordered).items())
     parts = [f"### {title}", f"{total} jobs: {counts}. Each job is a child run of this one; "
              "the job column links to it."]
     if has_chart:

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from kernels import Mode
+from transformers import PretrainedConfig
 
 from sweep.config import PromptConfig, WorkloadConfig
-from sweep.measure.forensics import layer_gradients, layer_metrics, layers_png, layers_with_gradients_csv, traced_logits
+from sweep.measure.forensics import (
+    layer_gradient_metrics,
+    layer_gradients,
+    layer_metrics,
+    layers_png,
+    layers_with_gradients_csv,
+    traced_logits,
+)
 from sweep.measure.numerics import error_ratio, reference_precision
 from sweep.measure.prompts import prompt_inputs
 from sweep.measure.workloads.protocol import (
@@ -52,15 +60,17 @@ def training_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torc
 
 
 @contextmanager
-def trainable(model: torch.nn.Module) -> Iterator[None]:
-    """Training mode and gradients for every parameter; on exit the model is as it was, with no `.grad` kept."""
+def trainable(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Training mode without dropout (`without_dropout`, whose rates it yields) and gradients for every parameter;
+    on exit the model is as it was, with no `.grad` kept."""
     parameters = list(model.parameters())
     requires_grad = [p.requires_grad for p in parameters]
     was_training = model.training
     model.requires_grad_(True)
     model.train()
     try:
-        yield
+        with without_dropout(model) as rates:
+            yield rates
     finally:
         model.train(was_training)
         for parameter, flag in zip(parameters, requires_grad):
@@ -68,9 +78,48 @@ def trainable(model: torch.nn.Module) -> Iterator[None]:
             parameter.grad = None
 
 
+@contextmanager
+def without_dropout(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Every dropout rate of the model at 0 inside; yields those that were not, as `<class>.<attribute>=<rate>`.
+    Dropout draws new masks on every step, so an exact kernel would differ from eager. The same masks on both
+    sides and in the reference are out of reach: on CUDA the float64 reference's attention draws its masks on
+    another path than the fused attention of the run's dtype, and a CUDA graph replay draws new ones."""
+    settings = _dropout_settings(model)
+    for owner, attribute, _ in settings:
+        setattr(owner, attribute, 0.0)
+    try:
+        yield sorted({f"{type(owner).__name__}.{attribute}={rate:g}" for owner, attribute, rate in settings})
+    finally:
+        for owner, attribute, rate in settings:
+            setattr(owner, attribute, rate)
+
+
+def _dropout_settings(model: torch.nn.Module) -> list[tuple[object, str, float]]:
+    """The non-zero dropout rates the forward reads: each dropout module's `p`, and the float attributes named
+    like a dropout (`attention_dropout`, `attn_pdrop`, `layerdrop`) of the modules and of their configs, which
+    transformers' attentions pass to their attention function while training."""
+    settings: list[tuple[object, str, float]] = []
+    owners: dict[int, object] = {}  # the other modules and their configs, each once
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                settings.append((module, "p", module.p))
+            continue
+        owners[id(module)] = module
+        if isinstance(config := getattr(module, "config", None), PretrainedConfig):
+            owners[id(config)] = config
+    for owner in owners.values():
+        settings += [(owner, name, value) for name, value in vars(owner).items()
+                     if "drop" in name and isinstance(value, float) and value > 0]
+    return settings
+
+
 class Train:
     name: ClassVar[str] = "train"
     kernel_mode: ClassVar[Mode] = Mode.TRAINING
+
+    def __init__(self) -> None:
+        self.dropout_turned_off: list[str] = []  # `running`'s, for the `dropout` tag
 
     def positions(self, prompt: PromptConfig) -> int:
         return prompt.length
@@ -98,8 +147,10 @@ class Train:
         check_reference_finite([loss, *reference.grads], reference_dtype)
         return reference
 
-    def running(self, model: torch.nn.Module) -> AbstractContextManager[None]:
-        return trainable(model)
+    @contextmanager
+    def running(self, model: torch.nn.Module) -> Iterator[None]:
+        with trainable(model) as self.dropout_turned_off:
+            yield
 
     def sides(self, job: JobState) -> Sides:
         """The timed output is the input embeddings' gradient: the backward's last, it depends on every layer and
@@ -124,6 +175,9 @@ class Train:
         reference: TrainReference = job.reference
         if reference.grads is None:
             job.result.tags["reference_note"] = reference.note
+        if self.dropout_turned_off:
+            rates = ", ".join(self.dropout_turned_off)
+            job.result.tags["dropout"] = f"off in the compared and timed steps (the model has {rates})"
         if job.switch is None:
             return metrics | _gradient_metrics(None, base_grads, reference.grads, job.device)
         with job.switch.active():
@@ -141,15 +195,14 @@ class Train:
 
 
 def _layer_table(job: JobState) -> dict[str, float]:
-    """Prefill's per-layer table of the prompt's forward, with each module's input gradient beside it; returns
-    its metrics."""
+    """Prefill's per-layer table of the prompt's forward, with each module's input and weight gradients beside it;
+    returns its metrics."""
     assert job.switch is not None
     _, _, records = traced_logits(job.model, job.switch, job.inputs[0])
     gradients = layer_gradients(job.model, job.switch, job.inputs[0], job.cfg.seed)
     job.result.artifacts["layers/layers.csv"] = layers_with_gradients_csv(records, gradients)
     job.result.artifacts["layers/layers.png"] = layers_png(records, f"{job.result.name}: where the kernels differ")
-    return layer_metrics(records) | {"layer_grad_err_ratio_max": max((g.grad_err_ratio for g in gradients),
-                                                                       default=1.0)}
+    return layer_metrics(records) | layer_gradient_metrics(gradients)
 
 
 def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
