@@ -36,6 +36,19 @@ SHORT_PROMPT = ["prompt.length=40", "timing=quick", "numerics.gen_tokens=8"]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker, and each sweep it starts, computes on one thread: with a worker per core, torch's default of a
+    # thread per core would spin threads against each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, but one alone where CUDA is, since GPU tests time
+    kernels and a second worker would share the GPU with them."""
+    return 1 if torch.cuda.is_available() else os.cpu_count() or 1
+
+
 @pytest.fixture(scope="session")
 def kernel_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kernel-repos")

@@ -137,9 +137,11 @@ def test_a_failing_combination_does_not_stop_the_sweep_but_fails_the_exit_code(t
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("prompt.lenght=5", "lenght"), ("dtype=bf17", "bf16"), ("timing.budget_s=narrow", "budget_s"),
-     ("kernels.RMSNorm.pathh=/x", "pathh"), ("kernels.source=bundle", "kernels.source='bundle'"),
-     ("-m kernels.source=auto,bundle", "kernels.source='bundle'")],
+    [("prompt.lenght=5", "lenght"), pytest.param("dtype=bf17", "bf16", marks=pytest.mark.slow),
+     pytest.param("timing.budget_s=narrow", "budget_s", marks=pytest.mark.slow),
+     ("kernels.RMSNorm.pathh=/x", "pathh"), pytest.param("kernels.source=bundle", "kernels.source='bundle'",
+                                                          marks=pytest.mark.slow),
+     ("-m kernels.source=auto,bundle", "kernels.source='bundle'")],  # the slow tier has the rest: one start each
 )
 def test_config_typos_fail_at_start_up(tmp_path, override, message):
     done = run_sweep(tmp_path, *override.split())

@@ -32,6 +32,8 @@ from sweep.store.tracking import Tracker
 from sweep.views.report import FINGERPRINT
 from sweep.views.summary import job_description
 
+pytestmark = pytest.mark.slow  # processes, launchers and leases: the slow tier, `python -m pytest -m slow`
+
 # Four quick jobs without kernels: they run on any machine (the CPU-kernel repositories need a CPU build of torch).
 FOUR_JOBS = ["dtype=fp32,bf16", "kernels=none", "prompt.length=24,32", "timing=quick", "numerics.gen_tokens=2"]
 JOB_METRICS = {"latency_ms_baseline", "ref_err_baseline", "timing_rounds", "timing_s", "job_wall_s"}

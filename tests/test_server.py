@@ -31,6 +31,8 @@ from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import Tracker
 from sweep.views.summary import job_description
 
+pytestmark = pytest.mark.slow  # a real mlflow server: the slow tier, `python -m pytest -m slow`
+
 HEALTH_TIMEOUT_S = 60
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 # Never route the loopback through a proxy, in this process (urllib, MLflow's requests) or in the subprocesses.

@@ -26,6 +26,8 @@ from test_server import (  # noqa: F401
 )
 from test_survive import FAST, sweep_command
 
+pytestmark = pytest.mark.slow  # a real mlflow server stopped mid-sweep: the slow tier (`-m slow`)
+
 SECRET_PASSWORD = "s3cretPassw0rd"
 SECRET_TOKEN = "hf_SECRETtoken123456"
 # Each job lasts about 3 s: time enough to stop the server between two jobs.

@@ -218,26 +218,31 @@ def _no_build_dir(tmp_path: Path) -> Path:
 
 
 # Every refusal, with what its message must say. `{tmp}` is the test's folder.
+# One refusal of each kind runs in the default tier, the rest in the slow tier: each is a `python -m sweep` start.
+def refusal(overrides: list[str], message: str, tier: tuple[pytest.MarkDecorator, ...] = (pytest.mark.slow,)):
+    return pytest.param(overrides, message, id=" ".join(overrides), marks=tier)
+
+
 REFUSALS = [
-    (["prompt.lenght=5"], "unknown key 'prompt.lenght': prompt has text, length, batch_size"),
-    (["timing.budget=3"], "timing has mode, budget_s, blocks"),
-    (["dtype=bf17"], "Available options in 'dtype'"),
-    (["-m", "dtype=fp32,bf17"], "Could not find 'dtype/bf17'"),  # the second job of a multirun
-    (["timing.blocks=many"], "blocks"),  # a wrong type
-    (["-m", "prompt.length=40,0"], "prompt.length=0 is below 1"),
-    (["prompt.batch_size=0"], "prompt.batch_size=0 is below 1"),
-    (["prompt.text="], "prompt.text is empty"),
-    (["kernels.source=nowhere"], "kernels.source='nowhere' is not one of: auto, hub, bundled"),
-    (["+kernels.RMSNorm={path: {tmp}/not-a-kernel, layer_name: X}"], "has no build/ folder"),
-    (["+kernels.RMSNorm={path: /does/not/exist, layer_name: X}"], "is not a directory"),
-    (["kernels.RMSNorm.repo_id=not//a/hub id"], "is not a valid Hub id"),
-    (["kernels.RMSNorm.repo_id=liger-kernels"], "has no organisation"),
-    (["model.id=/no/such/model"], "model.id=/no/such/model is not a directory"),
-    (["tracking.uri=http://127.0.0.1:9"], "cannot reach MLflow server http://127.0.0.1:9"),
+    refusal(["prompt.lenght=5"], "unknown key 'prompt.lenght': prompt has text, length, batch_size", tier=()),
+    refusal(["timing.budget=3"], "timing has mode, budget_s, blocks"),
+    refusal(["dtype=bf17"], "Available options in 'dtype'"),
+    refusal(["-m", "dtype=fp32,bf17"], "Could not find 'dtype/bf17'", tier=()),  # the second job of a multirun
+    refusal(["timing.blocks=many"], "blocks"),  # a wrong type
+    refusal(["-m", "prompt.length=40,0"], "prompt.length=0 is below 1", tier=()),
+    refusal(["prompt.batch_size=0"], "prompt.batch_size=0 is below 1"),
+    refusal(["prompt.text="], "prompt.text is empty"),
+    refusal(["kernels.source=nowhere"], "kernels.source='nowhere' is not one of: auto, hub, bundled"),
+    refusal(["+kernels.RMSNorm={path: {tmp}/not-a-kernel, layer_name: X}"], "has no build/ folder"),
+    refusal(["+kernels.RMSNorm={path: /does/not/exist, layer_name: X}"], "is not a directory", tier=()),
+    refusal(["kernels.RMSNorm.repo_id=not//a/hub id"], "is not a valid Hub id"),
+    refusal(["kernels.RMSNorm.repo_id=liger-kernels"], "has no organisation"),
+    refusal(["model.id=/no/such/model"], "model.id=/no/such/model is not a directory"),
+    refusal(["tracking.uri=http://127.0.0.1:9"], "cannot reach MLflow server http://127.0.0.1:9"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), REFUSALS, ids=[" ".join(o) for o, _ in REFUSALS])
+@pytest.mark.parametrize(("overrides", "message"), REFUSALS)
 def test_bad_input_is_refused_with_exit_2_and_nothing_logged(tmp_path, overrides, message):
     _no_build_dir(tmp_path)
     args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]

@@ -34,9 +34,9 @@ CHROMIUM_SWITCHES = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-q
                      "--no-proxy-server", "--disable-dev-shm-usage", "--window-size=1600,1000")
 PAGE_TIMEOUT_S = 90
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does)")
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does)")]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the `test` extra)")
 from selenium.webdriver.common.by import By  # noqa: E402
