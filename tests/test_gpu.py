@@ -15,6 +15,7 @@ from test_cli import rerun_a_finished_sweep
 
 from sweep.config import kernel_selection
 from sweep.measure.kernelization import KernelSwitch, resolve_kernel
+from sweep.measure.models import ModelCache
 from sweep.measure.numerics import forward_logits
 from sweep.measure.timing import GraphPlacement, GraphRunner
 from sweep.records.results import RunStatus
@@ -153,6 +154,22 @@ def test_train_peak_memory_per_side_does_not_depend_on_the_jobs_before(make_conf
     baseline_peak("rms", 2048)  # a larger job in between
     again = baseline_peak("silu", 256)  # the same baseline step as the first job's
     assert again == pytest.approx(first, rel=0.02), (first, again)
+
+
+@pytest.mark.parametrize("workload", ["prefill", "train"])
+def test_a_jobs_peak_memory_is_the_same_whether_it_runs_first_or_second_in_its_group(make_config, workload):
+    """The first job of a group also computes the cached float64 reference (and Triton autotunes the kernel's first
+    step); the second reuses them. Neither may change what the job reports as its peak."""
+    models = ModelCache()
+    cfg = make_config("dtype=bf16", "kernels=rms", "kernels.source=bundled", "timing=quick", f"workload={workload}",
+                      "prompt.length=2048")
+    first, second = run_job(cfg, models), run_job(cfg, models)
+    for result in (first, second):
+        assert result.status == RunStatus.measured, result.reason
+    peaks = [m for m in first.metrics if m.startswith("peak_mem_mb")]
+    assert len(peaks) == (3 if workload == "train" else 1), peaks
+    for metric in peaks:
+        assert second.metrics[metric] == pytest.approx(first.metrics[metric], rel=0.02), metric
 
 
 def test_paired_graphs_share_each_blocks_pool_and_each_replay_computes_its_own_input(make_config, models):

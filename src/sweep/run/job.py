@@ -29,6 +29,7 @@ from sweep.measure.kernelization import (
     check_layers_exist,
     resolve_kernel,
 )
+from sweep.measure.memory import peak_memory
 from sweep.measure.models import ModelCache, ReferenceKey, torch_dtype
 from sweep.measure.timing import (
     BASELINE,
@@ -254,8 +255,6 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
         result.tags["attn_implementation"] = str(model.config._attn_implementation)
         result.tags["forward_path"] = work.forward_path(cfg)
         inputs = work.inputs(loaded.tokenizer, cfg, plan.device)
-    if plan.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(plan.device)
 
     status("reference forward")
     key = ReferenceKey(work.name, cfg.prompt.text, cfg.prompt.length, cfg.prompt.batch_size,
@@ -286,11 +285,13 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             status("checking every input set's outputs")
             _check_other_input_sets(job, sides)
         result.tags |= contention_tags(plan.device)
-        _time(sides, switch, inputs, cfg, plan, result, status, phases)
+        # Only the timed steps count: the reference, per-layer work and generation are cached across the jobs of
+        # a group, so counting them would make the first job's peak differ from the others'.
+        with peak_memory(plan.device) as timed:
+            _time(sides, switch, inputs, cfg, plan, result, status, phases)
+        if plan.device.type == "cuda":
+            result.metrics["peak_mem_mb"] = timed.peak_mb
     result.metrics |= work.timing_metrics(result.metrics, cfg)
-    if plan.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(plan.device) / 2**20
-        result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), peak)
 
 
 def _check_other_input_sets(job: JobState, sides: Sides) -> None:

@@ -23,6 +23,7 @@ from sweep.measure.forensics import (
     layers_with_gradients_csv,
     traced_logits,
 )
+from sweep.measure.memory import peak_memory
 from sweep.measure.numerics import error_ratio, reference_precision
 from sweep.measure.prompts import prompt_inputs
 from sweep.measure.workloads.protocol import (
@@ -32,7 +33,6 @@ from sweep.measure.workloads.protocol import (
     check_kernel_finite,
     check_reference_finite,
 )
-from sweep.records.results import JobResult
 
 
 @dataclass
@@ -206,28 +206,16 @@ def _layer_table(job: JobState) -> dict[str, float]:
 
 
 def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One step, the peak memory it needs on CUDA above what was allocated before it (`peak_mem_mb_<side>` in
-    `metrics`: activations, gradients, workspace; not the weights), its loss and gradients moved to the
-    host so that the other side starts from the same memory."""
-    with _peak_memory(job.device, job.result, metrics, side):
+    """One step after a warm-up step (autotuning and workspaces are set up there, not counted), the peak memory it
+    needs on CUDA above what was allocated before it (`peak_mem_mb_<side>` in `metrics`: activations, gradients,
+    workspace; not the weights), its loss and gradients moved to the host so that the other side starts from the
+    same memory."""
+    training_step(job.model, job.inputs[0])
+    with peak_memory(job.device) as measured:
         loss, grads = training_step(job.model, job.inputs[0])
+    if job.device.type == "cuda":
+        metrics[f"peak_mem_mb_{side}"] = measured.above_held_mb
     return loss.to("cpu"), [g.to("cpu") for g in grads]
-
-
-@contextmanager
-def _peak_memory(device: torch.device, result: JobResult, metrics: dict[str, float], side: str) -> Iterator[None]:
-    if device.type != "cuda":
-        yield
-        return
-    torch.cuda.synchronize(device)
-    # The job's peak so far stays in `peak_mem_mb` (the job takes the max at its end).
-    so_far = torch.cuda.max_memory_allocated(device) / 2**20
-    result.metrics["peak_mem_mb"] = max(result.metrics.get("peak_mem_mb", 0.0), so_far)
-    torch.cuda.reset_peak_memory_stats(device)
-    held_before = torch.cuda.memory_allocated(device)  # the weights, and whatever else the process holds
-    yield
-    torch.cuda.synchronize(device)
-    metrics[f"peak_mem_mb_{side}"] = (torch.cuda.max_memory_allocated(device) - held_before) / 2**20
 
 
 def _gradient_metrics(kernel: list[torch.Tensor] | None, baseline: list[torch.Tensor],
