@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh [section ...]
 #   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
 #   compile compile8b (baseline=compile, issue 15);
-#   scale (2+ GPUs); repeats; timing (issue 10 in one call: mission, repeats, then coverage)
+#   scale (2+ GPUs); repeats; timing (issue 10 in one call: mission, repeats, then coverage);
+#   speed_of_light (issue 25: each kernelized layer alone, SOL_STEP picks parts)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -216,6 +217,42 @@ compile8b() {  # issue 15, the Llama-3-8B shape at 2048 tokens against torch.com
         prompt.length=2048 kernels=${COMPILE8B_KERNELS:-rms,silu,both} tracking.uri=sqlite:///$OUT/compile8b.db \
         > $OUT/compile-8b.log 2>&1
     echo "exit code $?"; grep -B1 -A16 "torch.compile against the kernels" $OUT/compile-8b.log | head -20
+}
+
+speed_of_light() {  # issue 25: each kernelized layer alone against a copy of its bytes, and the Amdahl prediction.
+    # SOL_STEP="mission tiny llama8b workloads tests" (the default) or any of them; stores and logs in $OUT/sol-*.
+    local step ops start
+    for step in ${SOL_STEP:-mission tiny llama8b workloads tests}; do
+        case $step in
+          mission)  # the mission's wall time without and with the op timing (cost bound: about a third); T=118
+            for ops in false true; do
+                start=$(date +%s%N)
+                python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both timing.ops=$ops resume=false \
+                    tracking.uri=sqlite:///$OUT/sol-mission-ops-$ops.db > $OUT/sol-mission-ops-$ops.log 2>&1
+                echo "mission sweep timing.ops=$ops: exit $?, $(( ($(date +%s%N) - start) / 1000000 )) ms"
+            done
+            python3 benchmarks/phases.py sqlite:///$OUT/sol-mission-ops-true.db
+            sed -n '/each kernelized layer alone/,$p' $OUT/sol-mission-ops-true.log | head -30 ;;
+          tiny)
+            python3 -m sweep -m dtype=bf16,fp32 kernels=rms,silu,both prompt.length=2048,8192 \
+                tracking.uri=sqlite:///$OUT/sol-tiny.db > $OUT/sol-tiny.log 2>&1
+            echo "tiny-llama T=2048,8192: exit $?"; sed -n '/each kernelized layer alone/,$p' $OUT/sol-tiny.log | head -50 ;;
+          llama8b)
+            python3 -m sweep model=llama3-8b-shape prompt.length=2048 dtype=bf16 kernels=rms \
+                tracking.uri=sqlite:///$OUT/sol-8b.db > $OUT/sol-8b.log 2>&1
+            echo "Llama-3-8B shape T=2048: exit $?"; sed -n '/each kernelized layer alone/,$p' $OUT/sol-8b.log | head -12 ;;
+          workloads)  # the issue's decode (1, 1, 1024) and train (1 and 8, 2048, 1024) steps
+            python3 -m sweep workload=decode dtype=bf16 kernels=rms tracking.uri=sqlite:///$OUT/sol-workloads.db \
+                > $OUT/sol-decode.log 2>&1
+            echo "decode: exit $?"; sed -n '/each kernelized layer alone/,$p' $OUT/sol-decode.log | head -12
+            python3 -m sweep -m workload=train dtype=bf16 kernels=rms prompt.length=2048 prompt.batch_size=1,8 \
+                tracking.uri=sqlite:///$OUT/sol-workloads.db > $OUT/sol-train.log 2>&1
+            echo "train: exit $?"; sed -n '/each kernelized layer alone/,$p' $OUT/sol-train.log | head -14 ;;
+          tests)
+            python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "alone or above_the_limit" 2>&1 \
+                | tail -15 ;;
+        esac
+    done
 }
 
 sections=("$@")

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 STARTUP = ("imports", "config", "store", "cuda", "triton", "first_job", "table")
-PHASES = ("load", "reference", "kernelize", "numerics", "capture", "timing")
+PHASES = ("load", "reference", "kernelize", "numerics", "capture", "timing", "ops")
 
 
 def _cell(metrics: dict[str, float], key: str) -> str:

@@ -15,7 +15,8 @@ from kernel_repos import EXACT_RMSNORM, write_kernel_repo
 from mlflow.tracking import MlflowClient
 from test_survive import THIN_MODEL
 
-from sweep.views.report import latest_runs, load_runs, run_table
+from sweep.views.report import load_runs, run_table
+from sweep.views.table import latest_runs
 
 CONTRACT_PARAMS = {"model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload"}
 CONTRACT_METRICS = {

@@ -15,6 +15,7 @@ from sweep.records.results import RunStatus
 from sweep.run.job import job_name, run_job
 from sweep.views import report
 from sweep.views.comparison import compile_tables, headline
+from sweep.views.table import latest_runs
 
 # One small layer: inductor compiles it on the CPU in seconds.
 SMALL = ["model.architecture.num_hidden_layers=1", "model.architecture.hidden_size=64",
@@ -156,7 +157,7 @@ def test_cli_sweeps_the_baseline_axis_into_tables_page_and_report(tmp_path, cpu_
     assert "#### torch.compile against the kernels: tiny-llama fp32 T=40" in description
     assert "#### Timing" in description  # the eager run keeps its own table
 
-    runs = report.latest_runs(report.load_runs([f"sqlite:///{tmp_path}/mlflow.db"], "kernel-sweep"))
+    runs = latest_runs(report.load_runs([f"sqlite:///{tmp_path}/mlflow.db"], "kernel-sweep"))
     assert sorted(runs["baseline"]) == ["compile", "eager"]  # one run each: the baseline is part of the run's key
     text = report.render(runs, "md")
     compiled = text[text.index("### torch.compile against the kernels"):]

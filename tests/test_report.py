@@ -13,8 +13,10 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from sweep.records.results import JobResult
 from sweep.report import main
-from sweep.views.report import FINGERPRINT, latest_runs, load_runs, speedup_pivot
+from sweep.views.report import load_runs, speedup_pivot
+from sweep.views.table import FINGERPRINT, latest_runs, results_table
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -218,26 +220,31 @@ def test_out_writes_report_and_pngs(stores: Stores, capsys: pytest.CaptureFixtur
         if fmt != "csv":
             assert name in report
     if fmt == "html":
-        assert report.startswith("<!doctype html>") and report.count("<table") == 1 + 5
+        assert report.startswith("<!doctype html>") and report.count("<table") == 1 + 1 + 5  # machines, pivot, sections
     if fmt == "csv":
         assert len(pd.read_csv(io.StringIO(report))) == 17
         pivot = pd.read_csv(tmp_path / "report" / "speedup_pivot.csv")
         assert set(pivot.columns) >= {H100, H200} and len(pivot) == 9
 
 
-def frame_row(start: int, speedup: float, **fingerprint: str) -> dict[str, object]:
-    """A run of one configuration as `load_runs` reads it; fingerprint fields not given are empty."""
-    return {"model": "m", "dtype": "bf16", "prompt_len": 128, "batch_size": 1, "timing_mode": "t",
-            "kernels": "rms", "start_time": pd.Timestamp(start, unit="s"), "speedup": speedup,
-            **dict.fromkeys(FINGERPRINT, ""), **fingerprint}
+def job(ended_s: int, speedup: float, **fingerprint: str) -> JobResult:
+    """A measured run of one configuration, ended at `ended_s`; fingerprint fields not given are empty."""
+    return JobResult(name="rms", params={"model": "m", "dtype": "bf16", "prompt_len": "128", "batch_size": "1",
+                                         "timing_mode": "t", "kernels": "rms"},
+                     metrics={"speedup": speedup}, tags=dict.fromkeys(FINGERPRINT, "") | fingerprint,
+                     ended_ms=ended_s * 1000)
+
+
+def table_of(*jobs: JobResult) -> pd.DataFrame:
+    return latest_runs(results_table({"store": {f"run{i}": j for i, j in enumerate(jobs)}}))
 
 
 def test_runs_from_different_fingerprints_are_never_merged() -> None:
-    def row(gpu: str, torch: str, start: int, speedup: float) -> dict[str, object]:
-        return frame_row(start, speedup, gpu_name=gpu, torch_version=torch)
+    def row(gpu: str, torch: str, start: int, speedup: float) -> JobResult:
+        return job(start, speedup, gpu_name=gpu, torch_version=torch)
 
-    runs = latest_runs(pd.DataFrame([row(H100, "2.7.0", 1, 1.1), row(H100, "2.8.0", 2, 1.2),
-                                     row(H100, "2.8.0", 3, 1.3), row(H200, "2.8.0", 4, 1.4), row("", "2.8.0", 5, 1.0)]))
+    runs = table_of(row(H100, "2.7.0", 1, 1.1), row(H100, "2.8.0", 2, 1.2), row(H100, "2.8.0", 3, 1.3),
+                    row(H200, "2.8.0", 4, 1.4), row("", "2.8.0", 5, 1.0))
 
     pivot = speedup_pivot(runs)
     assert pivot.iloc[0][[f"{H100} (torch_version=2.7.0)", f"{H100} (torch_version=2.8.0)", H200, "cpu"]].tolist() \
@@ -245,10 +252,9 @@ def test_runs_from_different_fingerprints_are_never_merged() -> None:
 
 
 def test_runs_that_differ_only_in_cpu_architecture_or_integrated_memory_are_never_merged() -> None:
-    runs = latest_runs(pd.DataFrame([
-        frame_row(1, 1.1, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="false"),
-        frame_row(2, 1.2, gpu_name=H200, cpu_arch="aarch64", gpu_memory_integrated="false"),
-        frame_row(3, 1.3, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="true")]))
+    runs = table_of(job(1, 1.1, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="false"),
+                    job(2, 1.2, gpu_name=H200, cpu_arch="aarch64", gpu_memory_integrated="false"),
+                    job(3, 1.3, gpu_name=H200, cpu_arch="x86_64", gpu_memory_integrated="true"))
 
     columns = [f"{H200} (gpu_memory_integrated={integrated}, cpu_arch={arch})"
                for arch, integrated in (("x86_64", "false"), ("aarch64", "false"), ("x86_64", "true"))]

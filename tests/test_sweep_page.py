@@ -23,6 +23,7 @@ from sweep.run.session import SweepSession
 from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
 from sweep.views.summary import job_description, sweep_tables
 from sweep.views.sweep_page import CHART, RESULTS_CSV, Links, report_files, sweep_page
+from sweep.views.table import results_table
 
 # A job logged by another process, as a local worker or a Slurm task would: the session never sees its result.
 LOG_JOB_ELSEWHERE = textwrap.dedent("""
@@ -87,7 +88,8 @@ def test_a_long_sweep_description_is_cut_to_what_mlflow_accepts(tmp_path):
         name=f"bf16 rms T={i}", status=RunStatus.skipped, reason="no build of the kernel for cpu " * 3,
         params={"model": "tiny-llama", "dtype": "bf16", "kernels": "rms", "prompt_len": str(i), "batch_size": "1",
                 "device": "auto", "timing_mode": "auto"}) for i in range(120)}
-    page = sweep_page(sweep_id, jobs, "long", Links(tracker.run_link, tracker.artifact_link), DESCRIPTION_LIMIT, {})
+    page = sweep_page(sweep_id, results_table({tracker.uri: jobs}), "long",
+                      Links(tracker.run_link, tracker.artifact_link), DESCRIPTION_LIMIT, {})
     assert len(page.description) <= DESCRIPTION_LIMIT
     assert "of 120 jobs fit here" in page.description and RESULTS_CSV in page.description
     assert "120 jobs: 0 measured, 120 skipped, 0 failed" in page.description
@@ -130,9 +132,9 @@ def test_a_speedup_not_timed_as_its_job_asked_is_marked_in_every_view(tmp_path):
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a")),
                       describe=job_description)
     sweep_id = tracker.start_sweep("auto", tags={})
-    logged = {tracker.log_job(sweep_id, job): job for job in jobs}
+    logged = results_table({tracker.uri: {tracker.log_job(sweep_id, job): job for job in jobs}})
     console = Console(file=io.StringIO(), width=400)
-    for table in sweep_tables(jobs, "auto"):
+    for table in sweep_tables(logged, "auto"):
         console.print(table)
     page = sweep_page(sweep_id, logged, "auto", Links(tracker.run_link, tracker.artifact_link), DESCRIPTION_LIMIT,
                       report_files(tracker.uri, tracker.experiment, sweep_id))

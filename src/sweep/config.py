@@ -93,6 +93,10 @@ class TimingConfig:
     # thermal state); added to every interval. 0.1%: an H100 with tiny-llama, where 20 jobs at 118 tokens scatter
     # twice as much as their blocks. Calibrate a GPU with benchmarks/timing_precision.py --store.
     rerun_sd: float = 0.001
+    # Speed of light (docs/speed-of-light.md): each kernelized layer timed alone at the model's shapes, eager against
+    # the kernel and against a device copy of its bytes, in the same blocks with this budget of timed work.
+    ops: bool = True
+    ops_budget_s: float = 0.2
 
 
 @dataclass

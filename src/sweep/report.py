@@ -1,4 +1,5 @@
-"""`python -m sweep.report`: the report app. Reads child runs from MLflow stores, tabulates them per GPU, plots them.
+"""`python -m sweep.report`: the report app. Reads child runs from MLflow stores, tabulates them per GPU, compares
+machines, plots them.
 
     python -m sweep.report --tracking-uri sqlite:///a/mlflow.db --tracking-uri sqlite:///b/mlflow.db --out report/
 """
@@ -10,15 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sweep.views.machines import machine_pairs
 from sweep.views.report import (
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     ReportError,
-    latest_runs,
+    StoreError,
     load_runs,
     render,
     write_report,
 )
+from sweep.views.table import latest_runs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     uris = args.uris or [DEFAULT_URI]
     try:
-        runs = load_runs(uris, args.experiment, args.sweep_ids, args.filter_string)
+        runs = load_runs(uris, args.experiment, args.sweep_ids, args.filter_string, skip=_warn_skipped)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -53,7 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     written = write_report(runs, args.out, args.format)
     print("wrote " + ", ".join(str(p) for p in written))
+    for pair in machine_pairs(runs):
+        print(pair.headline)
     return 0
+
+
+def _warn_skipped(error: StoreError) -> None:
+    print(f"warning: store left out of the report: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

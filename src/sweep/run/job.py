@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +13,7 @@ from functools import partial
 from statistics import median
 
 import torch
+from kernels import Mode
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.config import (
@@ -31,6 +33,7 @@ from sweep.measure.kernelization import (
 )
 from sweep.measure.memory import peak_memory
 from sweep.measure.models import ModelCache, ReferenceKey, torch_dtype
+from sweep.measure.ops import measure_ops
 from sweep.measure.timing import (
     BASELINE,
     KERNEL,
@@ -61,7 +64,7 @@ UNMEASURED_METRIC_PREFIXES = ("job_wall_s", "kernelized_", "phase_s_")
 
 
 class Phases:
-    """The job's current phase (load, reference, kernelize, numerics, capture, timing) and the seconds spent in
+    """The job's current phase (load, reference, kernelize, numerics, capture, timing, ops) and the seconds spent in
     each, as metrics `phase_s_<phase>`. A phase that raises stays current: the failure is reported in it."""
 
     def __init__(self, metrics: dict[str, float]):
@@ -124,13 +127,26 @@ def job_params(cfg: SweepConfig | DictConfig) -> dict[str, str]:
     return {
         "model": cfg.model.id or cfg.model.name,
         "dtype": cfg.dtype.name,
+        "reference_dtype": cfg.dtype.reference,
         "kernels": kernels_name(cfg),
         "prompt_len": str(cfg.prompt.length),
+        "prompt_text": prompt_text_param(cfg.prompt.text),
         "batch_size": str(cfg.prompt.batch_size),
         "device": DeviceChoice(cfg.device).value,
         "timing_mode": TimingMode(cfg.timing.mode).value,
         "workload": cfg.workload.name,
     } | baseline_params(cfg)
+
+
+PROMPT_TEXT_LIMIT = 200  # characters of a prompt's text kept in its param; MLflow refuses long param values
+
+
+def prompt_text_param(text: str) -> str:
+    """The prompt's text as a param: whole when short, else its start and the sha256 of all of it."""
+    if len(text) <= PROMPT_TEXT_LIMIT:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{text[:PROMPT_TEXT_LIMIT - 60]}... ({len(text)} characters, sha256 {digest})"
 
 
 def process_device() -> torch.device:
@@ -291,6 +307,11 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             _time(sides, switch, inputs, cfg, plan, result, status, phases)
         if plan.device.type == "cuda":
             result.metrics["peak_mem_mb"] = timed.peak_mb
+        if switch is not None and sides.kernel is not None and cfg.timing.ops:
+            status("timing each kernelized layer alone")
+            with phases("ops"):
+                measure_ops(switch, partial(sides.baseline, inputs[0]), Mode.TRAINING in work.kernel_mode,
+                            cfg.timing, TimingMode(result.tags["timing_mode_used"]), plan.device, cfg.seed, result)
     result.metrics |= work.timing_metrics(result.metrics, cfg)
 
 

@@ -29,6 +29,7 @@ from sweep.store.spool import Spool, SpoolError
 from sweep.store.sync import Delivery
 from sweep.store.tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
 from sweep.views.summary import RESUMED, job_description, status_counts, sweep_tables
+from sweep.views.table import results_table
 
 T = TypeVar("T")
 # The parent run's id, set by the launching process before any job starts: jobs in other processes (local
@@ -139,17 +140,17 @@ class SweepSession:
         wall = time.perf_counter() - self.started
         title = f"sweep {self.sweep_id[:8]} ({wall:.1f} s)"
         self.delivery.flush()
-        jobs = self._stored_jobs()
-        counts = status_counts(list(jobs.values()))
+        jobs = results_table({redact_uri(self.tracker.uri): self._stored_jobs()})
+        counts = status_counts(jobs.to_dict("records"))
         self._failed = counts[RunStatus.failed.value]
-        for table in sweep_tables(list(jobs.values()), title):
+        for table in sweep_tables(jobs, title):
             self.console.print(table)
             milestone("table")
         if counts[RESUMED]:
             self.console.print("resumed: measured by an earlier sweep with the same configuration, kernels, machine "
                                "and code (resume=false measures them again)")
         self.console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-        if jobs and not self.delivery.store_down:
+        if len(jobs) and not self.delivery.store_down:
             # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
             from sweep.views.sweep_page import Links, report_files, sweep_page
 

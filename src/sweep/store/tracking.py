@@ -163,7 +163,7 @@ class Tracker:
         runs = sorted((self.client.get_run(run_id) for run_id in names), key=lambda run: run.info.start_time)
         jobs = {}
         for run in runs:
-            job = _job_result(run)
+            job = job_result(run)
             job.name, job.tags[RESUMED_BY_TAG] = names[run.info.run_id], sweep_id
             jobs[run.info.run_id] = job
         return jobs
@@ -221,7 +221,7 @@ class Tracker:
             page = self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time ASC"],
                                            page_token=token)
             for run in page:
-                jobs[run.info.run_id] = _job_result(run)
+                jobs[run.info.run_id] = job_result(run)
             token = page.token
             if not token:
                 return jobs
@@ -274,12 +274,21 @@ def resumed_runs(sweep: Run) -> dict[str, str]:
     return {run_id: name for name, _, run_id in notes}
 
 
-def _job_result(run: Run) -> JobResult:
-    """A job run as the store holds it; artifacts are not read back."""
+def job_result(run: Run) -> JobResult:
+    """A job run as the store holds it; artifacts are not read back. `ended_ms` is when the job ended, as its
+    metrics are stamped (`log_job`), also for a run uploaded later from the spool; for a run without metrics, when
+    it ended in the store, else when it started. A run without a result (still running, or its process died) reads
+    as failed, and its reason says so."""
     tags = run.data.tags
+    stamps = [metric.timestamp for metric in run.data.to_proto().metrics]
+    ended_ms = max(stamps) if stamps else run.info.end_time or run.info.start_time
+    reason = tags.get("status_reason", "")
+    if "run_status" not in tags:
+        reason = (f"no result logged: the run is {run.info.status} in the store (in progress, or its process "
+                  "died before logging one)")
     return JobResult(name=run.info.run_name, params=dict(run.data.params),
-                     status=RunStatus(tags.get("run_status", RunStatus.failed.value)),
-                     reason=tags.get("status_reason", ""), metrics=dict(run.data.metrics),
+                     status=RunStatus(tags.get("run_status", RunStatus.failed.value)), reason=reason,
+                     metrics=dict(run.data.metrics), ended_ms=ended_ms,
                      tags={k: v for k, v in tags.items() if not k.startswith("mlflow.")})
 
 

@@ -5,40 +5,42 @@ from __future__ import annotations
 
 import io
 import textwrap
-from collections.abc import Sequence
 from itertools import groupby
 
+import pandas as pd
 from matplotlib.figure import Figure
 
-from sweep.records.results import JobResult
-from sweep.views.formatting import TIMING_MARKER_NOTE, timing_marker
+from sweep.views.comparison import kernel_label
+from sweep.views.formatting import TIMING_MARKER_NOTE, Row, metric, timing_marker
 from sweep.views.summary import configuration, grouped, varying_configuration
 
 BAR_WIDTH = 0.8
 GROUP_GAP = 0.8
 
 
-def speedup_chart(results: Sequence[JobResult], title: str) -> bytes | None:
-    """PNG of the speedups in the summary table's order; None when no job has a speedup."""
-    if not any("speedup" in r.metrics for r in results):
+def speedup_chart(jobs: pd.DataFrame, title: str) -> bytes | None:
+    """PNG of the speedups of the sweep's jobs (the results table) in the summary table's order; None when no job
+    has a speedup."""
+    rows = jobs.to_dict("records")
+    if not any(metric(r, "speedup") is not None for r in rows):
         return None
-    shown = varying_configuration(results)
-    ordered = grouped(results)
-    groups = [(label, list(jobs)) for label, jobs in groupby(ordered, key=lambda r: configuration(r, shown))]
-    kernels = list(dict.fromkeys(r.params["kernels"] for r in ordered))
+    shown = varying_configuration(rows)
+    ordered = grouped(rows)
+    groups = [(label, list(mine)) for label, mine in groupby(ordered, key=lambda r: configuration(r, shown))]
+    kernels = list(dict.fromkeys(kernel_label(r) for r in ordered))
     colours = {name: f"C{i % 10}" for i, name in enumerate(kernels)}
 
     width = min(30, max(7.0, 2.5 + 0.7 * len(ordered) + 0.5 * len(groups)))
     figure = Figure(figsize=(width, 4.8), layout="constrained")
     ax = figure.subplots()
     position, ticks, centres, separators = 0.0, [], [], []
-    for _, jobs in groups:
+    for _, mine in groups:
         if ticks:
             separators.append(position - (1 + GROUP_GAP) / 2)
         start = position
-        for job in jobs:
-            _bar(ax, position, job, colours[job.params["kernels"]])
-            ticks.append((position, job.params["kernels"]))
+        for row in mine:
+            _bar(ax, position, row, colours[kernel_label(row)])
+            ticks.append((position, kernel_label(row)))
             position += 1
         centres.append((start + position - 1) / 2)
         position += GROUP_GAP
@@ -52,7 +54,7 @@ def speedup_chart(results: Sequence[JobResult], title: str) -> bytes | None:
     ax.set_ylabel("speedup (baseline / kernel)")
     wrapped = textwrap.wrap(title, width=int(width * 11))
     legend = ["bars: speedup, whiskers: 95% interval, dashed: no change"]
-    legend += [TIMING_MARKER_NOTE] if any(timing_marker(r.params | r.tags) for r in ordered) else []
+    legend += [TIMING_MARKER_NOTE] if any(timing_marker(r) for r in ordered) else []
     ax.set_title("\n".join([*wrapped, *legend]))
     ax.margins(y=0.25)
     buffer = io.BytesIO()
@@ -60,14 +62,14 @@ def speedup_chart(results: Sequence[JobResult], title: str) -> bytes | None:
     return buffer.getvalue()
 
 
-def _bar(ax, position: float, job: JobResult, colour: str) -> None:
-    metrics = job.metrics
-    if "speedup" not in metrics:
-        ax.annotate(job.status.value, (position, 1.0), ha="center", va="bottom", rotation=90, color="grey")
+def _bar(ax, position: float, row: Row, colour: str) -> None:
+    speedup = metric(row, "speedup")
+    if speedup is None:
+        ax.annotate(str(row["run_status"]), (position, 1.0), ha="center", va="bottom", rotation=90, color="grey")
         return
-    speedup = metrics["speedup"]
-    errors = [[max(0.0, speedup - metrics["speedup_ci_low"])], [max(0.0, metrics["speedup_ci_high"] - speedup)]]
+    low, high = (metric(row, name) or speedup for name in ("speedup_ci_low", "speedup_ci_high"))
+    errors = [[max(0.0, speedup - low)], [max(0.0, high - speedup)]]
     ax.bar(position, speedup - 1.0, BAR_WIDTH, bottom=1.0, yerr=errors, capsize=4, color=colour)
-    label = f"{speedup:.3f}x{timing_marker(job.params | job.tags)}"
-    ax.annotate(label, (position, metrics["speedup_ci_high"]), xytext=(0, 3), textcoords="offset points",
+    label = f"{speedup:.3f}x{timing_marker(row)}"
+    ax.annotate(label, (position, high), xytext=(0, 3), textcoords="offset points",
                 ha="center", va="bottom", fontsize="small")

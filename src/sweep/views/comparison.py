@@ -4,16 +4,14 @@ Shared by the end-of-sweep tables, the sweep's page in the UI and the report."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import median_low
 
 import pandas as pd
 
-from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, timing_marker
-
-Row = Mapping[str, object]  # one run: params, metrics and tags by name, plus run_status and status_reason
+from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, timing_marker
+from sweep.views.table import CONFIG
 
 EAGER, COMPILE = "eager", "torch.compile"
 # An option's (time, speedup over eager, ratio against torch.compile: > 1 is faster) metrics.
@@ -29,7 +27,9 @@ COMPILE_METRICS = (
     "err_ratio_compiled", "err_ratio_compiled_kernel", "max_abs_diff_compiled", "max_abs_diff_compiled_kernel",
     "max_abs_diff_compiled_kernel_vs_eager",
 )
-GROUP = ("model", "dtype", "prompt_len", "batch_size", "gpu")
+# One table per configuration and machine (the rows: its kernel subsets); the timing mode and the other details
+# appear in a title only where they vary.
+GROUP = ("workload", *CONFIG, "details", "gpu")
 HEADER = "torch.compile against the kernels"
 CAPTION = ("x / y: how many times faster x is than y (y's time over x's), timed in the same rounds, with its 95% "
            f"interval; ~: the interval includes 1; {TIMING_MARKER_NOTE}")
@@ -47,38 +47,37 @@ class CompileTable:
 
 
 def compile_tables(rows: Sequence[Row], brief: bool = False) -> list[CompileTable]:
-    """One table per (model, dtype, length, batch, machine) of the compile runs among `rows`, in first-run order;
-    `brief`: without compile time, graph breaks, recompiles, err_ratio and timing (for a terminal)."""
+    """One table per configuration and machine (GROUP) of the compile runs among `rows` (rows of the results table,
+    `sweep.views.table`), in first-run order; `brief`: without compile time, graph breaks, recompiles, err_ratio
+    and timing (for a terminal)."""
     groups: dict[tuple[object, ...], list[Row]] = {}
     for row in rows:
         if is_compile_run(row):
-            groups.setdefault(tuple(_present(row.get(key)) for key in GROUP), []).append(row)
+            groups.setdefault(tuple(present(row.get(key)) for key in GROUP), []).append(row)
+    modes = {key[GROUP.index("timing_mode")] for key in groups}
     columns = BRIEF_COLUMNS if brief else COLUMNS
-    return [CompileTable(_title(key), headline(mine), _frame(mine, columns)) for key, mine in groups.items()]
+    return [CompileTable(_title(dict(zip(GROUP, key)), len(modes) > 1), headline(mine), _frame(mine, columns))
+            for key, mine in groups.items()]
 
 
-def _title(key: tuple[object, ...]) -> str:
-    model, dtype, length, batch, gpu = key
-    words = [str(model), str(dtype), f"T={length}"]
-    words += [f"B={batch}"] if batch not in (None, "1", 1) else []
-    words += [f"on {gpu}"] if gpu is not None else []
+def _title(key: Mapping[str, object], with_timing_mode: bool) -> str:
+    words = [str(key["model"]), str(key["dtype"]), f"T={key['prompt_len']}"]
+    words += [f"B={key['batch_size']}"] if key["batch_size"] not in (None, "1", 1) else []
+    words += [f"timing={key['timing_mode']}"] if with_timing_mode else []
+    words += [str(key["details"])] if key["details"] else []
+    words += [f"on {key['gpu']}"] if key["gpu"] is not None else []
     return " ".join(words)
 
 
-def _present(value: object) -> object:
-    """None for a value that is missing (absent, or NaN in a data frame)."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _value(row: Row, name: str) -> float | None:
-    value = _present(row.get(name))
-    return None if value is None else float(value)  # type: ignore[arg-type]
+def kernel_label(row: Row) -> str:
+    """The run's kernels as the results table labels them (the subset, with its kernels where it is ambiguous)."""
+    return str(present(row.get("kernel_label")) or row.get("kernels"))
 
 
 def ratio(row: Row, name: str, digits: int = 2) -> str:
     """`1.23x [1.20, 1.26]` from the metric `name` and its interval; `~` when the interval includes 1, and the
     row's `timing_marker`."""
-    value, low, high = (_value(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
+    value, low, high = (metric(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
     if value is None:
         return "-"
     if low is None or high is None:
@@ -88,7 +87,7 @@ def ratio(row: Row, name: str, digits: int = 2) -> str:
 
 
 def _number(row: Row, name: str, spec: str) -> str:
-    return format_number(_value(row, name), spec)
+    return format_number(metric(row, name), spec)
 
 
 def _note(row: Row) -> str:
@@ -96,19 +95,19 @@ def _note(row: Row) -> str:
     if status != "measured":
         reason = " ".join(str(row.get("status_reason", "")).split())
         return f"{status}: {reason[:80]}"
-    note = str(_present(row.get("compiled_kernel_note")) or "")
+    note = str(present(row.get("compiled_kernel_note")) or "")
     notes = []
     if note.startswith("not timed"):
         notes.append("compile+kernels not timed: a kernel does not declare can_torch_compile")
     elif note:
         notes.append("compile+kernels: undeclared kernel compiled anyway")
-    if _present(row.get("compile_triton_analysis_kernel")):
+    if present(row.get("compile_triton_analysis_kernel")):
         notes.append("compile could not analyse its Triton kernel (every input treated as mutated)")
     return "; ".join(notes)
 
 
 COLUMNS: tuple[tuple[str, object], ...] = (
-    ("kernels", lambda r: str(r.get("kernels"))),
+    ("kernels", kernel_label),
     ("eager ms", lambda r: _number(r, "latency_ms_baseline", ".4f")),
     ("compile ms", lambda r: _number(r, "latency_ms_compiled", ".4f")),
     ("kernels ms", lambda r: _number(r, "latency_ms_kernel", ".4f")),
@@ -121,7 +120,7 @@ COLUMNS: tuple[tuple[str, object], ...] = (
     ("graph breaks", lambda r: _number(r, "graph_breaks_baseline", ".0f")),
     ("recompiles", lambda r: _number(r, "recompiles", ".0f")),
     ("err_ratio compiled", lambda r: _number(r, "err_ratio_compiled", ".3f")),
-    ("timing used", lambda r: str(_present(r.get("timing_mode_used")) or "")),
+    ("timing used", lambda r: str(present(r.get("timing_mode_used")) or "")),
     ("note", _note),
 )
 
@@ -149,16 +148,16 @@ def _options(rows: Sequence[Row]) -> list[_Option]:
     compile_speedup is the median speaks for it (not the fastest, which would favour it by chance)."""
     measured = [r for r in rows if r.get("run_status", "measured") == "measured"]
     options = []
-    compiled = [r for r in measured if _value(r, "compile_speedup") is not None]
+    compiled = [r for r in measured if metric(r, "compile_speedup") is not None]
     if compiled:
-        middle = median_low([_value(r, "compile_speedup") for r in compiled])
-        options.append(_Option(COMPILE, next(r for r in compiled if _value(r, "compile_speedup") == middle),
+        middle = median_low([metric(r, "compile_speedup") for r in compiled])
+        options.append(_Option(COMPILE, next(r for r in compiled if metric(r, "compile_speedup") == middle),
                                "compile_speedup", None))
     for row in measured:
-        kernels = str(row.get("kernels"))
+        kernels = kernel_label(row)
         for name, (_, vs_eager, vs_compile) in ((kernels, _KERNEL_OPTION),
                                                  (f"{COMPILE} + {kernels}", _COMPILED_KERNEL_OPTION)):
-            if _value(row, vs_eager) is not None:
+            if metric(row, vs_eager) is not None:
                 options.append(_Option(name, row, vs_eager, vs_compile))
     return options
 
@@ -169,16 +168,16 @@ def headline(rows: Sequence[Row]) -> str:
     options = _options(rows)
     if not options:
         return "no option measured"
-    best = max(options, key=lambda o: _value(o.row, o.vs_eager) or 0.0)
-    if (_value(best.row, best.vs_eager) or 0.0) <= 1.0:
+    best = max(options, key=lambda o: metric(o.row, o.vs_eager) or 0.0)
+    if (metric(best.row, best.vs_eager) or 0.0) <= 1.0:
         runner_up = f"{best.name}: {ratio(best.row, best.vs_eager)} eager's speed"
         return f"fastest: eager; the best other option is {runner_up}"
     text = f"fastest: {best.name}, {ratio(best.row, best.vs_eager)} over eager"
-    if best.vs_compile is not None and _value(best.row, best.vs_compile) is not None:
+    if best.vs_compile is not None and metric(best.row, best.vs_compile) is not None:
         return text + f", {ratio(best.row, best.vs_compile)} over torch.compile"
-    kernel_options = [o for o in options if o.vs_compile is not None and _value(o.row, o.vs_compile) is not None]
+    kernel_options = [o for o in options if o.vs_compile is not None and metric(o.row, o.vs_compile) is not None]
     if kernel_options:
-        closest = max(kernel_options, key=lambda o: _value(o.row, o.vs_compile) or 0.0)
+        closest = max(kernel_options, key=lambda o: metric(o.row, o.vs_compile) or 0.0)
         inverse = _inverse(closest.row, closest.vs_compile)  # type: ignore[arg-type]
         text += f", {inverse} over the best kernel option ({closest.name})"
     return text
@@ -186,14 +185,7 @@ def headline(rows: Sequence[Row]) -> str:
 
 def _inverse(row: Row, name: str) -> str:
     """The ratio the other way round: 1/x with the interval [1/high, 1/low]."""
-    value, low, high = (_value(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
+    value, low, high = (metric(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
     inverted = {**row, name: 1 / value if value else None, name + "_ci_low": 1 / high if low and high else None,
                 name + "_ci_high": 1 / low if low and high else None}
     return ratio(inverted, name)
-
-
-def job_rows(results: Sequence[object]) -> list[dict[str, object]]:
-    """JobResults as rows: params, metrics and tags by name, with run_status and status_reason."""
-    return [{**r.tags, **r.params, **r.metrics,  # type: ignore[attr-defined]
-             "run_status": r.status.value, "status_reason": r.reason}  # type: ignore[attr-defined]
-            for r in results]

@@ -7,9 +7,24 @@ import math
 import sys
 from collections.abc import Mapping
 
+import pandas as pd
+
 from sweep.config import TimingMode
 
 TIMING_MARKER_NOTE = "(eager): timed eagerly, as its CUDA graph could not be captured, unlike the unmarked speedups"
+
+Row = Mapping[str, object]  # one run of the results table (`sweep.views.table`): its columns by name
+
+
+def present(value: object) -> object:
+    """None for a value that is missing (absent, or NaN or <NA> in a data frame)."""
+    return None if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def metric(row: Row, name: str) -> float | None:
+    """The run's metric `name`; None where it has none."""
+    value = present(row.get(name))
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 def format_number(value: float | None, fmt: str) -> str:

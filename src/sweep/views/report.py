@@ -1,11 +1,13 @@
-"""The report on finished sweeps: child runs read from MLflow stores, tabulated per GPU, plotted."""
+"""The report on finished sweeps: child runs read from MLflow stores into the results table (`sweep.views.table`),
+tabulated per GPU, compared machine against machine, plotted."""
 
 from __future__ import annotations
 
 import html
 import math
 import sys
-from collections.abc import Iterator, Sequence
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,86 +17,96 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, resumed_runs
+from sweep.records.results import JobResult
+from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, job_result, resumed_runs
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
-from sweep.views.comparison import COMPILE_METRICS, CompileTable, compile_tables
 from sweep.views.comparison import HEADER as COMPILE_HEADER
+from sweep.views.comparison import CompileTable, compile_tables
 from sweep.views.formatting import TIMING_MARKER_NOTE, timing_marker
+from sweep.views.machines import CAPTION as MACHINES_CAPTION
+from sweep.views.machines import MachinePair, export_pairs, machine_pairs, pair_table
 from sweep.views.summary import RESUMED
+from sweep.views.table import (
+    CONFIG,
+    DETAILS,
+    FINGERPRINT,
+    METRICS,
+    OPTIONAL_METRICS,
+    WORKLOADS,
+    results_table,
+)
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 DEFAULT_EXPERIMENT = "kernel-sweep"
 
-NUMERIC_PARAMS = ("prompt_len", "batch_size")
-PARAMS = ("model", "dtype", "kernels", "prompt_len", "batch_size", "device", "timing_mode", "workload", "baseline")
-OPTIONAL_METRICS = ("layer_err_ratio_max", "gen_match")
-# The step a run timed; runs logged before workloads existed were prefills. One report part per workload.
-WORKLOADS = ("prefill", "decode", "train")
-WORKLOAD_METRICS = (
-    "tokens_per_s_baseline", "tokens_per_s_kernel", "loss_diff", "grad_max_rel_diff", "grad_err_ratio",
-    "peak_mem_mb_baseline", "peak_mem_mb_kernel",
-)
-METRICS = (
-    "latency_ms_baseline", "latency_ms_kernel", "speedup", "speedup_ci_low", "speedup_ci_high",
-    "max_abs_diff", "mean_abs_diff", "argmax_match", "ref_err_baseline", "ref_err_kernel", "err_ratio",
-    "kernelized_total", *OPTIONAL_METRICS, *WORKLOAD_METRICS,
-)
-# Runs whose fingerprints differ in any of these are never compared as if they came from the same machine.
-FINGERPRINT = (
-    "gpu_name", "device_capability", "gpu_memory_gb", "gpu_memory_integrated", "sm_count", "driver_version",
-    "cuda_version", "cpu_model", "cpu_arch", "host", "torch_version", "transformers_version", "kernels_version",
-    "triton_version", "liger_kernel_version", "sweep_version", "git_commit", "git_dirty",
-)
-TAGS = (*FINGERPRINT, "run_status", "status_reason", "sweep_id", "sweep_role", "timing_mode_used", RESUMED_BY_TAG)
-KERNEL_PARAM_PREFIX = "kernel_"  # kernel_<Layer>: which kernel ran (hub:repo@commit, local:path@hash, ...)
-# One table section per configuration and GPU; one row per kernel subset.
-CONFIG = ("model", "dtype", "prompt_len", "batch_size", "timing_mode")
-
 PLOT_FILES = ("speedup_vs_length.png", "err_ratio.png")
+TICK_WIDTH = 40  # characters of an err_ratio plot's configuration label per line
+PANEL_WIDTH = 60  # characters of a speedup panel's title and legend entries per line
+MACHINES_CSV = "machines.csv"
 
 
 class ReportError(Exception):
     """A problem the user must fix (bad store, unknown experiment, invalid filter)."""
 
 
+class StoreError(ReportError):
+    """One store cannot be read; the others can still be reported."""
+
+
 # --- loading -------------------------------------------------------------------------------------------------------
 
 
-def load_runs(
-    uris: Sequence[str], experiment: str, sweep_ids: Sequence[str] = (), filter_string: str | None = None
-) -> pd.DataFrame:
-    """All child runs of `experiment` in every store, one row each, with bare column names and a `store` column.
+def load_runs(uris: Sequence[str], experiment: str, sweep_ids: Sequence[str] = (), filter_string: str | None = None,
+              skip: Callable[[StoreError], None] | None = None) -> pd.DataFrame:
+    """The results table (`sweep.views.table.results_table`) of the child runs of `experiment` in every store.
     With `sweep_ids`, those sweeps' runs and the earlier runs whose results they resumed (RESUMED_BY_TAG: the sweep
-    that resumed each)."""
-    rows = [_flatten(run, uri) | marks for uri in uris
-            for run, marks in _search_store(uri, experiment, sweep_ids, filter_string)]
-    frame = pd.DataFrame(rows)
-    known = [*PARAMS, *TAGS, *METRICS, "run_id", "store", "start_time"]
-    frame = frame.reindex(columns=[*known, *(c for c in frame.columns if c not in known)])
-    for column in METRICS:
-        frame[column] = frame[column].astype(float)
-    for column in NUMERIC_PARAMS:
-        frame[column] = _numeric_if_possible(frame[column])
-    frame["kernel_identity"] = kernel_identities(frame)
-    text_columns = [c for c in (*PARAMS, *TAGS) if c not in NUMERIC_PARAMS]
-    frame[text_columns] = frame[text_columns].astype(object).fillna("")
-    frame["workload"] = frame["workload"].replace("", WORKLOADS[0])
-    frame["baseline"] = frame["baseline"].replace("", "eager")  # runs logged before the baseline axis existed
-    return frame
+    that resumed each). A store that cannot be read (missing, unreadable, without the experiment, or a store given
+    before) raises StoreError; with `skip`, it is handed to `skip` and left out, unless no store is left."""
+    stores: dict[str, dict[str, JobResult]] = {}
+    places: dict[str, str] = {}
+    for uri in uris:
+        try:
+            if _place(uri) in places:
+                raise StoreError(f"{uri} is the same store as {places[_place(uri)]}: its runs are read once")
+            places[_place(uri)] = uri
+            stores[uri] = _store_jobs(uri, experiment, sweep_ids, filter_string)
+        except StoreError as error:
+            if skip is None:
+                raise
+            skip(error)
+    if not stores:
+        raise ReportError(f"none of the stores could be read ({', '.join(uris)}); check --tracking-uri")
+    return results_table(stores)
+
+
+def _place(uri: str) -> str:
+    """Where a store is: a sqlite file's real path, or the server's address."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri.rstrip("/")
+
+
+def _store_jobs(uri: str, experiment: str, sweep_ids: Sequence[str], user_filter: str | None) -> dict[str, JobResult]:
+    jobs = {}
+    for run, resumed_by in _search_store(uri, experiment, sweep_ids, user_filter):
+        jobs[run.info.run_id] = job = job_result(run)
+        if resumed_by:
+            job.tags[RESUMED_BY_TAG] = resumed_by
+    return jobs
 
 
 def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str],
-                  user_filter: str | None) -> Iterator[tuple[Run, dict[str, str]]]:
-    """Each run with the columns it adds: RESUMED_BY_TAG for an earlier run whose result a sweep resumed."""
+                  user_filter: str | None) -> Iterator[tuple[Run, str]]:
+    """Each run with the sweep that resumed it, for an earlier run whose result a sweep resumed (else "")."""
     client, experiment_id = _open_experiment(uri, experiment)
     base = ["tags.sweep_role = 'job'"] + ([user_filter] if user_filter else [])
-    filters = [(" and ".join([*base, f"tags.sweep_id = '{s}'"]), {}) for s in sweep_ids] or [(" and ".join(base), {})]
+    filters = [(" and ".join([*base, f"tags.sweep_id = '{s}'"]), "") for s in sweep_ids] or [(" and ".join(base), "")]
     for sweep_id in sweep_ids:  # a sweep of another store has no parent run in this one
         for parent in client.search_runs([experiment_id], f"attributes.run_id = '{sweep_id}'"):
             resumed = ", ".join(f"'{run_id}'" for run_id in resumed_runs(parent))
             if resumed:
-                filters.append((" and ".join([*base, f"attributes.run_id IN ({resumed})"]), {RESUMED_BY_TAG: sweep_id}))
-    for filter_string, marks in filters:
+                filters.append((" and ".join([*base, f"attributes.run_id IN ({resumed})"]), sweep_id))
+    for filter_string, resumed_by in filters:
         token = None
         while True:
             try:
@@ -102,7 +114,7 @@ def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str],
             except MlflowException as e:
                 raise ReportError(f"search in {uri} failed for filter {filter_string!r}: {e.message}; "
                                   "check --filter (MLflow search syntax, e.g. \"params.dtype = 'bf16'\")") from e
-            yield from ((run, marks) for run in page)
+            yield from ((run, resumed_by) for run in page)
             token = page.token
             if not token:
                 break
@@ -110,16 +122,17 @@ def _search_store(uri: str, experiment: str, sweep_ids: Sequence[str],
 
 def _open_experiment(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     _check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         names = [] if found else [e.name for e in client.search_experiments()]
     except Exception as e:  # the store's own error (SQL, HTTP, ...) is shown as-is, with the uri
-        raise ReportError(f"cannot read MLflow store {uri}: {e}; check --tracking-uri") from e
+        raise StoreError(f"cannot read MLflow store {uri}: {' '.join(str(e).split())[:300]}; "
+                         "check --tracking-uri") from e
     if found is None:
         available = ", ".join(repr(n) for n in names) or "none"
-        raise ReportError(f"no experiment {experiment!r} in {uri} (experiments there: {available}); "
-                          "pass --experiment NAME or another --tracking-uri")
+        raise StoreError(f"no experiment {experiment!r} in {uri} (experiments there: {available}); "
+                         "pass --experiment NAME or another --tracking-uri")
     return client, found.experiment_id
 
 
@@ -128,76 +141,16 @@ def _check_reachable(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.is_file():
-            raise ReportError(f"no MLflow store at {uri}: file {path.resolve()} does not exist; "
-                              "check --tracking-uri (relative paths start from the current directory)")
+            raise StoreError(f"no MLflow store at {uri}: file {path.resolve()} does not exist; "
+                             "check --tracking-uri (relative paths start from the current directory)")
     else:
         try:
             check_server_reachable(uri)
         except ConnectionError as e:
-            raise ReportError(f"{e}; or fix --tracking-uri") from e
-
-
-def _flatten(run: Run, uri: str) -> dict[str, object]:
-    data = {**run.data.tags, **run.data.params, **run.data.metrics}
-    row = {k: v for k, v in data.items() if not k.startswith("mlflow.")}
-    return row | {"run_id": run.info.run_id, "store": uri, "start_time": pd.Timestamp(run.info.start_time, unit="ms")}
-
-
-def kernel_identities(runs: pd.DataFrame) -> pd.Series:
-    """One text per run naming every kernel it ran ("RMSNorm=local:/k@1a2b..."); empty without kernels."""
-    columns = sorted(c for c in runs.columns if c.startswith(KERNEL_PARAM_PREFIX) and not c.startswith(
-        ("kernelized_", "kernel_source_", "kernel_note_")))
-    if not columns:
-        return pd.Series("", index=runs.index, dtype=object)
-    values = runs[columns].astype(object)
-    return values.apply(lambda row: "; ".join(
-        f"{c.removeprefix(KERNEL_PARAM_PREFIX)}={v}" for c, v in row.items() if isinstance(v, str) and v), axis=1)
-
-
-def _numeric_if_possible(column: pd.Series) -> pd.Series:
-    try:
-        return pd.to_numeric(column)
-    except (ValueError, TypeError):
-        return column.astype(object).fillna("")
+            raise StoreError(f"{e}; or fix --tracking-uri") from e
 
 
 # --- shaping -------------------------------------------------------------------------------------------------------
-
-
-def hardware_labels(runs: pd.DataFrame) -> pd.Series:
-    """`gpu_name` (or "cpu"); where one name covers several fingerprints, the differing fields are appended."""
-    names = runs["gpu_name"].where(runs["gpu_name"] != "", "cpu")
-    labels = names.copy()
-    for name, index in names.groupby(names).groups.items():
-        prints = runs.loc[index, list(FINGERPRINT)]
-        varying = [c for c in FINGERPRINT if prints[c].nunique() > 1]
-        if varying:
-            details = prints[varying].apply(lambda r: ", ".join(f"{c}={v}" for c, v in r.items()), axis=1)
-            labels.loc[index] = f"{name} (" + details + ")"
-    return labels
-
-
-def latest_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add the `gpu` label; keep one run per configuration, kernels (subset and identity) and fingerprint: the
-    newest `measured` one, else the newest; `hidden_runs` counts the others; sort for display."""
-    runs = runs.assign(gpu=hardware_labels(runs))
-    if "workload" not in runs:  # a frame built from runs that predate workloads
-        runs = runs.assign(workload=WORKLOADS[0])
-    if "baseline" not in runs:  # ... or the baseline axis
-        runs = runs.assign(baseline="eager")
-    for column in ("kernel_identity", "run_status", "timing_mode_used"):
-        if column not in runs.columns:
-            runs[column] = ""
-    key = ["workload", "baseline", *CONFIG, "kernels", "kernel_identity", "gpu", *FINGERPRINT]
-    runs = runs.assign(_measured=runs["run_status"].isin(["measured", ""]))
-    runs = runs.sort_values(["_measured", "start_time"], kind="stable")
-    hidden = runs.groupby(key, dropna=False)["start_time"].transform("size") - 1
-    runs = runs.assign(hidden_runs=hidden).drop_duplicates(key, keep="last").drop(columns="_measured")
-    rank = {name: index for index, name in enumerate(WORKLOADS)}
-    order = runs.assign(_not_none=runs["kernels"] != "none",
-                        _workload=runs["workload"].map(lambda w: rank.get(w, len(rank))))
-    order = order.sort_values(["_workload", "workload", *CONFIG, "gpu", "_not_none", "kernels"], kind="stable")
-    return order.drop(columns=["_not_none", "_workload"]).reset_index(drop=True)
 
 
 def workload_parts(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -206,21 +159,20 @@ def workload_parts(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(name), group) for name, group in runs.groupby("workload", sort=False)]
 
 
-def kernel_labels(runs: pd.DataFrame) -> pd.Series:
-    """The subset's name; where one name covers runs of different kernels, the kernels themselves are added."""
-    labels = runs["kernels"].astype(object).copy()
-    for _, index in runs.groupby("kernels").groups.items():
-        if runs.loc[index, "kernel_identity"].nunique() > 1:
-            labels.loc[index] = runs.loc[index, "kernels"] + " [" + runs.loc[index, "kernel_identity"] + "]"
-    return labels
+def _shown_config(runs: pd.DataFrame) -> list[str]:
+    """What names a configuration among these runs: CONFIG, with the workload and baseline where several share a
+    table, and the details where any vary. With the kernels and the machine, it tells identities apart."""
+    varying = [c for c in ("workload", "baseline") if runs[c].nunique() > 1]
+    return [*varying, *CONFIG, *(["details"] if (runs["details"] != "").any() else [])]
 
 
 def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The original report's table: one (title, table) per configuration and GPU, one row per kernel subset."""
+    """The original report's table: one (title, table) per configuration and GPU, one row per kernels."""
     sections = []
-    for key, group in runs.groupby([*CONFIG, "gpu"], sort=False, dropna=False):
-        title = ", ".join(f"{name}={value}" for name, value in zip(CONFIG, key[:-1])) + f" on {key[-1]}"
-        sections.append((title, run_table(group)))
+    shown = _shown_config(runs)
+    for key, group in runs.groupby([*shown, "gpu"], sort=False, dropna=False):
+        named = [str(value) if name == "details" else f"{name}={value}" for name, value in zip(shown, key)]
+        sections.append((", ".join(filter(None, named)) + f" on {key[-1]}", run_table(group)))
     return sections
 
 
@@ -239,7 +191,7 @@ DEFAULT_ACCURACY_COLUMNS = (("max diff", "max_abs_diff", ".3g"), ("argmax match"
 def run_table(group: pd.DataFrame) -> pd.DataFrame:
     """Formatted rows of one section; optional metrics get a column only where the section has them."""
     table = pd.DataFrame({
-        "kernels": group["kernel_label"] if "kernel_label" in group else group["kernels"],
+        "kernels": group["kernel_label"],
         "baseline ms": group["latency_ms_baseline"].map(lambda v: _fmt(v, ".3f")),
         "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
         "speedup [CI]": [_speedup(r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"]) + timing_marker(r)
@@ -253,17 +205,18 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
             table[metric] = group[metric].map(lambda v: _fmt(v, ".3g"))
     if (group["timing_mode_used"] != "").any():
         table["timing used"] = group["timing_mode_used"]
-    if (group["hidden_runs"] > 0).any():
-        table["other runs"] = group["hidden_runs"].astype(int)
+    if (group["other_runs"] > 0).any():
+        table["other runs"] = group["other_runs"].astype(int)
     table["status"] = [RESUMED if resumed else _status(r.run_status, r.status_reason)
                        for r, resumed in zip(group.itertuples(), group[RESUMED_BY_TAG])]
     return table.reset_index(drop=True)
 
 
 def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
-    """Speedup per configuration and kernel subset (rows) and GPU (columns), rows in display order."""
-    index = [*CONFIG, "kernels"]
-    runs = runs.assign(kernels=kernel_labels(runs))
+    """Speedup per configuration and kernels (rows, one per identity but the machine: `latest_runs` of one
+    baseline) and machine (columns), rows in display order."""
+    index = [*_shown_config(runs), "kernels"]
+    runs = runs.assign(kernels=runs["kernel_label"])
     pivot = runs.pivot(index=index, columns="gpu", values="speedup")
     pivot = pivot.reindex(pd.MultiIndex.from_frame(runs[index].drop_duplicates()))
     pivot.columns.name = None
@@ -271,14 +224,14 @@ def speedup_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def export_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Numeric, one-row-per-run table for CSV."""
-    compiled = [c for c in COMPILE_METRICS if c in runs.columns]
-    columns = ["workload", "baseline", *CONFIG, "kernels", "kernel_identity", "gpu", *METRICS, *compiled,
-               "timing_mode_used",
-               "run_status", RESUMED_BY_TAG, "status_reason", "hidden_runs", *FINGERPRINT, "device", "sweep_id",
-               "run_id", "store",
-               "start_time"]
-    return runs[columns]
+    """Numeric, one-row-per-run table for CSV: the identity, the labels, the metrics (every one the runs logged),
+    status and provenance."""
+    leading = ["workload", "baseline", *CONFIG, *DETAILS, "kernels", "kernel_identity", "gpu", "kernel_label",
+               "details", *METRICS, "timing_mode_used", "run_status", RESUMED_BY_TAG, "status_reason",
+               *(["other_runs"] if "other_runs" in runs else []), *FINGERPRINT, "device", "sweep_id", "run_id",
+               "run_name", "store", "ended_at"]
+    measured = sorted(c for c in runs.columns if c not in leading and runs[c].dtype == float)
+    return runs[[*leading, *measured]]
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -316,21 +269,21 @@ def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
         if part.empty:
             parts.append((workload, None, [], tables))
             continue
-        parts.append((workload, _marked_pivot(part), section_tables(part.assign(kernel_label=kernel_labels(part))),
-                      tables))
-    intro = _intro(runs)
+        parts.append((workload, _marked_pivot(part), section_tables(part), tables))
+    intro, pairs = _intro(runs), machine_pairs(runs)
     if fmt == "md":
-        return _markdown(intro, parts, plots)
-    return _html(intro, parts, plots)
+        return _markdown(intro, pairs, parts, plots)
+    return _html(intro, pairs, parts, plots)
 
 
 def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
     """The speedup pivot as text, each speedup with its run's `timing_marker`."""
     pivot = speedup_pivot(runs)
-    gpus = [c for c in pivot.columns if c not in (*CONFIG, "kernels")]
-    marked = runs.assign(kernels=kernel_labels(runs), marker=[timing_marker(r) for r in runs.to_dict("records")])
-    markers = marked.pivot(index=[*CONFIG, "kernels"], columns="gpu", values="marker")
-    markers = markers.reindex(pd.MultiIndex.from_frame(pivot[[*CONFIG, "kernels"]]))[gpus].to_numpy()
+    index = [*_shown_config(runs), "kernels"]
+    gpus = [c for c in pivot.columns if c not in index]
+    marked = runs.assign(kernels=runs["kernel_label"], marker=[timing_marker(r) for r in runs.to_dict("records")])
+    markers = marked.pivot(index=index, columns="gpu", values="marker")
+    markers = markers.reindex(pd.MultiIndex.from_frame(pivot[index]))[gpus].to_numpy()
     pivot[gpus] = [[("" if pd.isna(v) else f"{v:.2f}x{m}") for v, m in zip(values, row_markers)]
                    for values, row_markers in zip(pivot[gpus].to_numpy(), markers)]
     return pivot
@@ -346,9 +299,10 @@ Part = tuple[str, pd.DataFrame | None, list[tuple[str, pd.DataFrame]], list[Comp
 def _intro(runs: pd.DataFrame) -> str:
     stores = ", ".join(runs["store"].unique())
     sweeps = ", ".join(runs["sweep_id"].unique())
-    hidden = int(runs["hidden_runs"].sum())
-    return (f"{len(runs)} runs (per configuration, kernels and machine the latest measured one, else the latest; "
-            f"{hidden} other runs hidden, counted in 'other runs') from {stores}; sweeps: {sweeps}; "
+    others = int(runs["other_runs"].sum())
+    return (f"{len(runs)} runs from {stores}, one per identity (workload, baseline, configuration, kernels and "
+            "machine: docs/report.md): the newest measurement, else the newest run; "
+            f"{others} other runs hidden, counted in 'other runs'. Sweeps: {sweeps}; "
             f"machines: {_machines(runs)}. "
             "Speedup = baseline latency / kernel latency, with its confidence interval in brackets, timed as "
             f"timing_mode says (auto: CUDA graphs on a GPU, eager on the CPU); {TIMING_MARKER_NOTE}. An infinite "
@@ -368,8 +322,13 @@ def _machines(runs: pd.DataFrame) -> str:
     return "; ".join(described)
 
 
-def _markdown(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
+def _markdown(intro: str, pairs: list[MachinePair], workloads: list[Part], plots: Sequence[str]) -> str:
     parts = ["# Kernel sweep report", intro]
+    if pairs:
+        parts += ["## Machine against machine", MACHINES_CAPTION]
+    for pair in pairs:
+        parts += [f"### {pair.a} vs {pair.b}", f"**{pair.headline}**", f"A: {pair.a}; B: {pair.b}",
+                  markdown_table(pair_table(pair))]
     for workload, pivot, sections, compiled in workloads:
         parts.append(f"## {WORKLOAD_TITLES.get(workload, workload)}")
         if pivot is not None:
@@ -396,8 +355,14 @@ def _cell(value: object) -> str:
     return "" if pd.isna(value) else str(value).replace("|", r"\|")
 
 
-def _html(intro: str, workloads: list[Part], plots: Sequence[str]) -> str:
+def _html(intro: str, pairs: list[MachinePair], workloads: list[Part], plots: Sequence[str]) -> str:
     parts = [f"<h1>Kernel sweep report</h1>\n<p>{html.escape(intro)}</p>"]
+    if pairs:
+        parts += ["<h2>Machine against machine</h2>", f"<p>{html.escape(MACHINES_CAPTION)}</p>"]
+    for pair in pairs:
+        parts += [f"<h3>{html.escape(pair.a)} vs {html.escape(pair.b)}</h3>",
+                  f"<p><b>{html.escape(pair.headline)}</b></p>", f"<p>A: {html.escape(pair.a)}; B: "
+                  f"{html.escape(pair.b)}</p>", pair_table(pair).to_html(index=False)]
     for workload, pivot, sections, compiled in workloads:
         parts.append(f"<h2>{html.escape(WORKLOAD_TITLES.get(workload, workload))}</h2>")
         if pivot is not None:
@@ -432,13 +397,17 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[str]:
     return written
 
 
+# What else tells the plots' runs apart (besides dtype, length, kernels and machine), named where it varies.
+PLOT_EXTRA = ("workload", "baseline", "model", "batch_size", "timing_mode", "details")
+
+
 def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
-    """Speedup vs prompt length: one panel per (dtype, kernel subset), one line per GPU, CI error bars."""
+    """Speedup vs prompt length: one panel per (dtype, kernels), one line per GPU and PLOT_EXTRA, CI error bars."""
     data = runs[runs["speedup"].notna() & runs["prompt_len"].notna()]
     if data.empty:
         return None
-    panels = list(data.groupby(["dtype", "kernels"], sort=False))
-    extra = [c for c in ("workload", "model", "batch_size", "timing_mode") if data[c].nunique() > 1]
+    panels = list(data.groupby(["dtype", "kernel_label"], sort=False))
+    extra = [c for c in PLOT_EXTRA if data[c].nunique() > 1]
     ncols = min(3, len(panels))
     figure = Figure(figsize=(5 * ncols, 3.8 * math.ceil(len(panels) / ncols)), layout="constrained")
     axes = figure.subplots(math.ceil(len(panels) / ncols), ncols, squeeze=False).ravel()
@@ -446,41 +415,50 @@ def plot_speedup_vs_length(runs: pd.DataFrame) -> Figure | None:
         for key, line in panel.groupby(["gpu", *extra], sort=False):
             line = line.sort_values("prompt_len")
             errors = np.vstack([line["speedup"] - line["speedup_ci_low"], line["speedup_ci_high"] - line["speedup"]])
-            label = ", ".join([key[0], *(f"{c}={v}" for c, v in zip(extra, key[1:]))])
-            ax.errorbar(line["prompt_len"], line["speedup"], yerr=np.nan_to_num(errors.clip(min=0)),
+            label = textwrap.fill(", ".join([key[0], *(f"{c}={v}" for c, v in zip(extra, key[1:]))]), PANEL_WIDTH)
+            ax.errorbar(line["prompt_len"].astype(float), line["speedup"], yerr=np.nan_to_num(errors.clip(min=0)),
                         marker="o", capsize=3, label=label)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{dtype}, kernels: {kernels}")
+        ax.set_title(textwrap.fill(f"{dtype}, kernels: {kernels}", PANEL_WIDTH))
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("speedup (baseline / kernel)")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     figure.suptitle("Kernel speedup vs prompt length (error bars: confidence interval; dashed: no change)\n"
-                    + _constants(data, ("workload", "model", "batch_size", "timing_mode")))
+                    + _constants(data, ("workload", "baseline", "model", "batch_size", "timing_mode")))
     return figure
 
 
 def plot_err_ratio(runs: pd.DataFrame) -> Figure | None:
-    """err_ratio per configuration, bars grouped by GPU, with the parity line at 1."""
+    """err_ratio per configuration and kernels (one per identity but the machine: `latest_runs`), bars grouped by
+    GPU, with the parity line at 1."""
     data = runs[runs["err_ratio"].notna()]
     if data.empty:
         return None
-    fields = [c for c in ("workload", *CONFIG, "kernels") if c == "kernels" or data[c].nunique() > 1]
+    fields = [c for c in ("workload", "baseline", *CONFIG, "details", "kernel_label")
+              if c == "kernel_label" or data[c].nunique() > 1]
     config = data[fields].astype(str).agg(", ".join, axis=1)
     configs = list(dict.fromkeys(config))
+    ticks = [textwrap.fill(c, TICK_WIDTH) for c in configs]  # a label as long as its kernels' paths wraps
+    lines = max(t.count("\n") + 1 for t in ticks)
     gpus = sorted(data["gpu"].unique())
     width = 0.8 / len(gpus)
-    figure = Figure(figsize=(min(40, max(6, 1 + 0.4 * len(configs) * len(gpus))), 5), layout="constrained")
+    # Inches: the bars, and below them the slanted labels (about 0.055 per character of a line, 0.15 per line).
+    size = (min(40, max(6, 1 + len(configs) * max(0.4 * len(gpus), 0.2 * lines))),
+            4 + 0.055 * min(TICK_WIDTH, max(map(len, configs))) + 0.15 * lines)
+    figure = Figure(figsize=size, layout="constrained")
     ax = figure.subplots()
     positions = np.arange(len(configs))
     for i, gpu in enumerate(gpus):
-        values = data.loc[data["gpu"] == gpu, "err_ratio"].set_axis(config[data["gpu"] == gpu]).reindex(configs)
-        ax.bar(positions + (i - (len(gpus) - 1) / 2) * width, values, width, label=gpu)
+        mine = data["gpu"] == gpu
+        values = dict(zip(config[mine], data.loc[mine, "err_ratio"]))
+        heights = [values.get(c, np.nan) for c in configs]
+        ax.bar(positions + (i - (len(gpus) - 1) / 2) * width, heights, width, label=gpu)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="1 = as close to reference as baseline")
-    ax.set_xticks(positions, configs, rotation=45, ha="right")
-    ax.set_xlabel(f"configuration ({', '.join(fields)})")
+    ax.set_xticks(positions, ticks, rotation=45, ha="right", fontsize="small")
+    ax.set_xlabel(f"configuration ({', '.join(fields).replace('kernel_label', 'kernels')})")
     ax.set_ylabel("err_ratio (kernel error / baseline error)")
     ax.set_title("Error vs reference of kernel run relative to baseline run\n"
                  + _constants(data, [c for c in CONFIG if c not in fields]))
@@ -501,7 +479,11 @@ def write_report(runs: pd.DataFrame, out: Path, fmt: str = "md") -> list[Path]:
     report = out / f"report.{fmt}"
     report.write_text(render(runs, fmt, plots))
     written = [report, *(out / p for p in plots)]
+    pairs = machine_pairs(runs)
     if fmt == "csv":
         written.append(out / "speedup_pivot.csv")
         speedup_pivot(eager).to_csv(written[-1], index=False)
+        if pairs:
+            written.append(out / MACHINES_CSV)
+            export_pairs(pairs).to_csv(written[-1], index=False)
     return written

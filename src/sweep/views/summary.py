@@ -1,5 +1,5 @@
-"""The end-of-sweep tables (one row per job, jobs of one configuration together) and a job's one-line result,
-for the terminal (rich) and for the MLflow run descriptions (markdown)."""
+"""The end-of-sweep tables (one row per job of the sweep, from the results table, jobs of one configuration
+together) and a job's one-line result, for the terminal (rich) and for the MLflow run descriptions (markdown)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import RESUMED_BY_TAG
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
-from sweep.views.comparison import compile_tables, is_compile_run, job_rows, ratio
-from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, timing_marker
+from sweep.views.comparison import compile_tables, is_compile_run, kernel_label, ratio
+from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, timing_marker
+from sweep.views.ops import OPS_CAPTION, has_ops, op_frame
+from sweep.views.table import job_row
 
 SUMMARY_CAPTION = f"~ : the speedup's 95% interval includes 1 (no measurable difference); {TIMING_MARKER_NOTE}"
 ACCURACY_CAPTION = "err_ratio > 1: the kernel is further from the float32/64 reference than eager"
@@ -22,70 +24,75 @@ CONFIGURATION_PARAMS = ("model", "dtype", "prompt_len", "batch_size", "device", 
 _SHORT = {"prompt_len": "T={}", "batch_size": "B={}", "device": "{}", "timing_mode": "timing={}"}
 
 
-def _number(result: JobResult, metric: str, fmt: str) -> str:
-    return format_number(result.metrics.get(metric), fmt)
+def _number(row: Row, name: str, fmt: str) -> str:
+    return format_number(metric(row, name), fmt)
 
 
-def _speedup(result: JobResult, digits: int = 3) -> str:
-    if "speedup" not in result.metrics:
+def _text(row: Row, name: str) -> str:
+    value = present(row.get(name))
+    return "" if value is None else str(value)
+
+
+def _speedup(row: Row, digits: int = 3) -> str:
+    speedup, low, high = (metric(row, name) for name in ("speedup", "speedup_ci_low", "speedup_ci_high"))
+    if speedup is None:
         return "-"
-    m = result.metrics
-    timing = timing_marker(result.params | result.tags)
-    if "speedup_ci_low" not in m:  # a record without its interval says so rather than inventing one
-        return f"{m['speedup']:.{digits}f}x [no interval]{timing}"
-    marker = "" if m.get("speedup_significant", 0.0) else " ~"
-    return (f"{m['speedup']:.{digits}f}x [{m['speedup_ci_low']:.{digits}f}, "
-            f"{m['speedup_ci_high']:.{digits}f}]{marker}{timing}")
+    timing = timing_marker(row)
+    if low is None or high is None:  # a record without its interval says so rather than inventing one
+        return f"{speedup:.{digits}f}x [no interval]{timing}"
+    marker = "" if metric(row, "speedup_significant") else " ~"
+    return f"{speedup:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}{timing}"
 
 
 RESUMED = "resumed"  # a job this sweep skipped (resume=true): an earlier sweep's run measured it
 
 
-def status_word(result: JobResult) -> str:
+def status_word(row: Row) -> str:
     """The run's status, or `resumed` for a job an earlier sweep measured."""
-    return RESUMED if RESUMED_BY_TAG in result.tags else result.status.value
+    return RESUMED if present(row.get(RESUMED_BY_TAG)) else str(row["run_status"])
 
 
-def status_counts(results: Sequence[JobResult]) -> dict[str, int]:
+def status_counts(rows: Sequence[Row]) -> dict[str, int]:
     """How many jobs have each status; resumed ones counted apart from those this sweep measured."""
-    words = [status_word(result) for result in results]
+    words = [status_word(row) for row in rows]
     return {word: words.count(word) for word in (*(status.value for status in RunStatus), RESUMED)}
 
 
-def _status(result: JobResult) -> str:
-    if result.status == RunStatus.measured:
-        return status_word(result)
-    reason = " ".join(result.reason.split())  # one line, so a traceback cannot break a table
+def _status(row: Row) -> str:
+    if row["run_status"] == RunStatus.measured.value:
+        return status_word(row)
+    reason = " ".join(_text(row, "status_reason").split())  # one line, so a traceback cannot break a table
     reason = reason if len(reason) <= 80 else reason[:77] + "..."
-    return f"{result.status.value}: {reason}"
+    return f"{row['run_status']}: {reason}"
 
 
-def configuration(result: JobResult, shown: Sequence[str] = CONFIGURATION_PARAMS) -> str:
-    """The job's configuration without its kernel subset, e.g. `bf16 T=118`, from the params in `shown`."""
-    params = result.params
-    return " ".join(_SHORT.get(name, "{}").format(params[name]) for name in shown if name in params)
+def configuration(row: Row, shown: Sequence[str] = CONFIGURATION_PARAMS) -> str:
+    """The job's configuration without its kernel subset, e.g. `bf16 T=118`, from the columns in `shown`, and the
+    identity's details where they vary (`sweep.views.table.detail_labels`)."""
+    words = [_SHORT.get(name, "{}").format(_text(row, name)) for name in shown if _text(row, name)]
+    return " ".join([*words, *filter(None, [_text(row, "details")])])
 
 
-def varying_configuration(results: Sequence[JobResult]) -> list[str]:
-    """The configuration params that differ between `results`; dtype and prompt length when none do."""
-    varying = [p for p in CONFIGURATION_PARAMS if len({r.params.get(p) for r in results}) > 1]
+def varying_configuration(rows: Sequence[Row]) -> list[str]:
+    """The configuration columns that differ between `rows`; dtype and prompt length when none do."""
+    varying = [p for p in CONFIGURATION_PARAMS if len({_text(r, p) for r in rows}) > 1]
     return varying or ["dtype", "prompt_len"]
 
 
-def grouped(results: Sequence[JobResult]) -> list[JobResult]:
+def grouped(rows: Sequence[Row]) -> list[Row]:
     """The jobs with each configuration's together, configurations in the order they first ran."""
     order: dict[str, int] = {}
-    for result in results:
-        order.setdefault(configuration(result), len(order))
-    return sorted(results, key=lambda r: order[configuration(r)])
+    for row in rows:
+        order.setdefault(configuration(row), len(order))
+    return sorted(rows, key=lambda r: order[configuration(r)])
 
 
-Column = tuple[str, Callable[[JobResult], str]]
+Column = tuple[str, Callable[[Row], str]]
 
 JOB_COLUMNS: tuple[Column, ...] = (
-    ("dtype", lambda r: r.params["dtype"]),
-    ("kernels", lambda r: r.params["kernels"]),
-    ("T", lambda r: r.params["prompt_len"]),
+    ("dtype", lambda r: _text(r, "dtype")),
+    ("kernels", kernel_label),
+    ("T", lambda r: _text(r, "prompt_len")),
 )
 
 SUMMARY_COLUMNS: tuple[Column, ...] = (
@@ -115,9 +122,9 @@ _COMPARED_BY_WORKLOAD: dict[str, tuple[Column, ...]] = {
 }
 
 
-def workload_of(result: JobResult) -> str:
+def workload_of(row: Row) -> str:
     """Runs logged before the workload axis existed were prefills."""
-    return result.params.get("workload", "prefill")
+    return _text(row, "workload") or "prefill"
 
 
 def summary_columns(workload: str) -> tuple[Column, ...]:
@@ -127,11 +134,11 @@ def summary_columns(workload: str) -> tuple[Column, ...]:
     return (*SUMMARY_COLUMNS[:6], *_COMPARED_BY_WORKLOAD[workload], SUMMARY_COLUMNS[-1])
 
 
-def by_workload(results: Sequence[JobResult]) -> dict[str, list[JobResult]]:
-    """The results per workload, workloads in the order they first ran."""
-    groups: dict[str, list[JobResult]] = {}
-    for result in results:
-        groups.setdefault(workload_of(result), []).append(result)
+def by_workload(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """The jobs per workload, workloads in the order they first ran."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(workload_of(row), []).append(row)
     return groups
 
 
@@ -149,14 +156,14 @@ ACCURACY_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def has_accuracy(results: Sequence[JobResult]) -> bool:
-    return any("err_ratio" in r.metrics for r in results)
+def has_accuracy(rows: Sequence[Row]) -> bool:
+    return any(metric(r, "err_ratio") is not None for r in rows)
 
 
-def table_frame(results: Sequence[JobResult], columns: Sequence[Column]) -> pd.DataFrame:
+def table_frame(rows: Sequence[Row], columns: Sequence[Column]) -> pd.DataFrame:
     """The table's cells as text, one row per job, in `grouped` order."""
-    rows = [[cell(result) for _, cell in columns] for result in grouped(results)]
-    return pd.DataFrame(rows, columns=[name for name, _ in columns])
+    cells = [[cell(row) for _, cell in columns] for row in grouped(rows)]
+    return pd.DataFrame(cells, columns=[name for name, _ in columns])
 
 
 def _rich(frame: pd.DataFrame, title: str, caption: str) -> Table:
@@ -168,26 +175,27 @@ def _rich(frame: pd.DataFrame, title: str, caption: str) -> Table:
     return table
 
 
-def summary_table(results: Sequence[JobResult], title: str = "sweep") -> Table:
+def summary_table(rows: Sequence[Row], title: str = "sweep") -> Table:
     """One workload's jobs (see `sweep_tables` for several)."""
-    workload = workload_of(results[0]) if results else "prefill"
-    return _rich(table_frame(results, summary_columns(workload)), title, SUMMARY_CAPTION)
+    workload = workload_of(rows[0]) if rows else "prefill"
+    return _rich(table_frame(rows, summary_columns(workload)), title, SUMMARY_CAPTION)
 
 
-def accuracy_table(results: Sequence[JobResult], title: str = "accuracy") -> Table:
+def accuracy_table(rows: Sequence[Row], title: str = "accuracy") -> Table:
     """Is the kernel worse than eager or just different, where does it start, does it change generation?"""
-    return _rich(table_frame(results, ACCURACY_COLUMNS), title, ACCURACY_CAPTION)
+    return _rich(table_frame(rows, ACCURACY_COLUMNS), title, ACCURACY_CAPTION)
 
 
-def sweep_tables(results: Sequence[JobResult], title: str) -> list[Table]:
-    """The end-of-sweep tables: per workload, the timing table and, where logits were compared, the accuracy one;
-    runs with baseline=compile get the four-way tables (`compile_rich_tables`) and their own accuracy table."""
-    groups = by_workload(results) or {"prefill": []}
+def sweep_tables(jobs: pd.DataFrame, title: str) -> list[Table]:
+    """The end-of-sweep tables of the sweep's jobs (`sweep.views.table.results_table`, one row per job): per
+    workload, the timing table and, where logits were compared, the accuracy one; runs with baseline=compile get
+    the four-way tables (`compile_rich_tables`) and their own accuracy table."""
+    groups = by_workload(jobs.to_dict("records")) or {"prefill": []}
     tables = []
     for workload, mine in groups.items():
         suffix = f": {workload}" if len(groups) > 1 else ""
-        plain = [r for r in mine if not is_compile_run(r.params)]
-        compiled = [r for r in mine if is_compile_run(r.params)]
+        plain = [r for r in mine if not is_compile_run(r)]
+        compiled = [r for r in mine if is_compile_run(r)]
         if plain or not compiled:
             tables.append(summary_table(plain, title=title + suffix))
             if has_accuracy(plain):
@@ -195,29 +203,32 @@ def sweep_tables(results: Sequence[JobResult], title: str) -> list[Table]:
         tables += compile_rich_tables(compiled)
         if has_accuracy(compiled):
             tables.append(accuracy_table(compiled, title="accuracy (baseline=compile)" + suffix))
+        if has_ops(mine):
+            tables.append(_rich(op_frame(grouped(mine)), "each kernelized layer alone" + suffix, OPS_CAPTION))
     return tables
 
 
-def compile_rich_tables(results: Sequence[JobResult]) -> list[Table]:
-    """The four-way comparison of baseline=compile runs, one table per (model, dtype, length), headed by the
+def compile_rich_tables(rows: Sequence[Row]) -> list[Table]:
+    """The four-way comparison of baseline=compile runs, one table per configuration and machine, headed by the
     fastest option."""
     return [_rich(table.frame, f"{COMPILE_HEADER}: {table.title}\n{table.headline}", COMPILE_CAPTION)
-            for table in compile_tables(job_rows(results), brief=True)]
+            for table in compile_tables(rows, brief=True)]
 
 
 def job_description(result: JobResult) -> str:
     """The job's result in one line, e.g. `1.337x [1.336, 1.339], max diff 0.0156, err_ratio 1.000, measured`."""
+    row = job_row(result)
     if result.status != RunStatus.measured:
-        return _status(result)
+        return _status(row)
     parts = []
     if "speedup" in result.metrics:
-        parts.append(f"speedup {_speedup(result)}")
+        parts.append(f"speedup {_speedup(row)}")
     elif "latency_ms_baseline" in result.metrics:  # kernels=none: the baseline alone
-        parts.append(f"baseline {_number(result, 'latency_ms_baseline', '.4f')} ms")
+        parts.append(f"baseline {_number(row, 'latency_ms_baseline', '.4f')} ms")
     if "compile_speedup" in result.metrics:
-        parts.append(f"torch.compile {ratio(result.params | result.tags | result.metrics, 'compile_speedup', 3)}")
+        parts.append(f"torch.compile {ratio(row, 'compile_speedup', 3)}")
     if "max_abs_diff" in result.metrics:
-        parts.append(f"max diff {_number(result, 'max_abs_diff', '.4g')}")
+        parts.append(f"max diff {_number(row, 'max_abs_diff', '.4g')}")
     if "err_ratio" in result.metrics:
-        parts.append(f"err_ratio {_number(result, 'err_ratio', '.3f')}")
+        parts.append(f"err_ratio {_number(row, 'err_ratio', '.3f')}")
     return ", ".join([*parts, "measured"])

@@ -1,6 +1,6 @@
 """What a sweep's parent run shows in the MLflow UI: a description holding the end-of-sweep tables and the speedup
-chart, and artifacts (the chart, the results as CSV, `sweep.views.report`'s report), built from the job runs as the
-store holds them."""
+chart, and artifacts (the chart, the results as CSV, `sweep.views.report`'s report), built from the results table of
+the job runs as the store holds them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from sweep.records.results import JobResult
 from sweep.views import report
 from sweep.views.charts import speedup_chart
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
-from sweep.views.comparison import compile_tables, is_compile_run, job_rows
+from sweep.views.comparison import compile_tables, is_compile_run
+from sweep.views.formatting import Row
+from sweep.views.ops import OPS_CAPTION, has_ops, op_frame
 from sweep.views.summary import (
     ACCURACY_CAPTION,
     ACCURACY_COLUMNS,
@@ -29,6 +30,7 @@ from sweep.views.summary import (
     summary_columns,
     table_frame,
 )
+from sweep.views.table import latest_runs
 
 CHART = "summary/speedup.png"
 RESULTS_CSV = "summary/results.csv"
@@ -48,42 +50,34 @@ class SweepPage:
     artifacts: dict[str, str | bytes]
 
 
-def sweep_page(sweep_id: str, jobs: Mapping[str, JobResult], title: str, links: Links, limit: int,
+def sweep_page(sweep_id: str, jobs: pd.DataFrame, title: str, links: Links, limit: int,
                report_files: Mapping[str, bytes]) -> SweepPage:
-    """`jobs` by run id; `report_files` is `sweep.views.report`'s output for this sweep, by file name; the description
-    stays within `limit` characters (MLflow's limit for a tag), cutting rows when it must."""
-    results = list(jobs.values())
-    chart = speedup_chart(results, title)
-    artifacts: dict[str, str | bytes] = {RESULTS_CSV: results_csv(jobs)}
+    """`jobs`: the sweep's jobs (`sweep.views.table.results_table`, one row per job); `report_files` is
+    `sweep.views.report`'s output for this sweep, by file name; the description stays within `limit` characters
+    (MLflow's limit for a tag), cutting rows when it must."""
+    chart = speedup_chart(jobs, title)
+    artifacts: dict[str, str | bytes] = {RESULTS_CSV: report.export_table(jobs).to_csv(index=False)}
     artifacts |= {f"{REPORT_FOLDER}/{name}": content for name, content in report_files.items()}
     if chart is not None:
         artifacts[CHART] = chart
-    run_ids = {id(result): run_id for run_id, result in jobs.items()}
-    ordered = grouped(results)
+    ordered = grouped(jobs.to_dict("records"))
     for rows in range(len(ordered), -1, -1):
         description = _description(ordered, rows, title, sweep_id, chart is not None,
-                                   lambda r: links.run(run_ids[id(r)]), links, sorted(artifacts))
+                                   lambda r: links.run(str(r["run_id"])), links, sorted(artifacts))
         if len(description) <= limit:
             break
     return SweepPage(description, artifacts)
 
 
-def results_csv(jobs: Mapping[str, JobResult]) -> str:
-    """One row per job: run id and name, status, params, metrics."""
-    rows = [{"run_id": run_id, "run_name": r.name, "run_status": r.status.value, "status_reason": r.reason,
-             **r.params, **r.metrics} for run_id, r in jobs.items()]
-    return pd.DataFrame(rows).to_csv(index=False)
-
-
 def report_files(uri: str, experiment: str, sweep_id: str) -> dict[str, bytes]:
     """What `python -m sweep.report --tracking-uri URI --sweep SWEEP_ID --out DIR` writes, by file name."""
-    runs = report.latest_runs(report.load_runs([uri], experiment, [sweep_id]))
+    runs = latest_runs(report.load_runs([uri], experiment, [sweep_id]))
     with tempfile.TemporaryDirectory() as folder:
         return {path.name: path.read_bytes() for path in report.write_report(runs, Path(folder))}
 
 
-def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: str, has_chart: bool,
-                 run_link: Callable[[JobResult], str], links: Links, artifacts: Sequence[str]) -> str:
+def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, has_chart: bool,
+                 run_link: Callable[[Row], str], links: Links, artifacts: Sequence[str]) -> str:
     """The markdown description with the first `rows` jobs of `ordered` in its tables."""
     shown, total = ordered[:rows], len(ordered)
     counts = ", ".join(f"{count} {status}" for status, count in status_counts(ordered).items())
@@ -94,26 +88,29 @@ def _description(ordered: Sequence[JobResult], rows: int, title: str, sweep_id: 
     groups = by_workload(shown)
     for workload, mine in groups.items():
         suffix = f": {workload}" if len(groups) > 1 else ""
-        jobs = [r for r in mine if not is_compile_run(r.params)]
-        compiled = [r for r in mine if is_compile_run(r.params)]
+        jobs = [r for r in mine if not is_compile_run(r)]
+        compiled = [r for r in mine if is_compile_run(r)]
         if jobs:
             parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link),
                       f"*{SUMMARY_CAPTION}*"]
         if has_accuracy(jobs):
             parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
-        for table in compile_tables(job_rows(compiled)):
+        for table in compile_tables(compiled):
             parts += [f"#### {COMPILE_HEADER}: {table.title}{suffix}", f"**{table.headline}**",
                       report.markdown_table(table.frame), f"*{COMPILE_CAPTION}*"]
         if has_accuracy(compiled):
             parts += [f"#### Accuracy (baseline=compile){suffix}", _markdown(compiled, ACCURACY_COLUMNS, run_link),
                       f"*{ACCURACY_CAPTION}*"]
+        if has_ops(mine):
+            ops = op_frame(mine, lambda r: f"[{r['run_name']}]({run_link(r)})")
+            parts += [f"#### Each kernelized layer alone{suffix}", report.markdown_table(ops), f"*{OPS_CAPTION}*"]
     if len(shown) < total:
         parts.append(f"**Only the first {len(shown)} of {total} jobs fit here: all are in `{RESULTS_CSV}`.**")
     parts.append("Artifacts of this run: " + ", ".join(f"`{a}`" for a in artifacts) + ".")
     return "\n\n".join(parts) + "\n"
 
 
-def _markdown(shown: Sequence[JobResult], columns: Sequence[Column], run_link: Callable[[JobResult], str]) -> str:
+def _markdown(shown: Sequence[Row], columns: Sequence[Column], run_link: Callable[[Row], str]) -> str:
     """The table as markdown, its first column the job's run name linking to the job's run page."""
-    linked: tuple[Column, ...] = (("job", lambda r: f"[{r.name}]({run_link(r)})"), *columns)
+    linked: tuple[Column, ...] = (("job", lambda r: f"[{r['run_name']}]({run_link(r)})"), *columns)
     return report.markdown_table(table_frame(shown, linked))
