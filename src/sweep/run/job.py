@@ -301,12 +301,13 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             status("checking every input set's outputs")
             _check_other_input_sets(job, sides)
         result.tags |= contention_tags(plan.device)
-        # Only the timed steps count: the reference, per-layer work and generation are cached across the jobs of
-        # a group, so counting them would make the first job's peak differ from the others'.
+        # Only what the timed steps need counts: the reference, per-layer work and generation are cached across
+        # the jobs of a group, so counting them, or what they leave allocated, would make a job's peak depend on
+        # the jobs before it.
         with peak_memory(plan.device) as timed:
             _time(sides, switch, inputs, cfg, plan, result, status, phases)
         if plan.device.type == "cuda":
-            result.metrics["peak_mem_mb"] = timed.peak_mb
+            result.metrics["peak_mem_mb"] = timed.above_held_mb
         if switch is not None and sides.kernel is not None and cfg.timing.ops:
             status("timing each kernelized layer alone")
             with phases("ops"):
