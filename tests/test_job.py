@@ -295,6 +295,7 @@ def test_switching_kernels_is_outside_the_timed_forward(make_config, models, ker
         select(False)
 
 
+@pytest.mark.slow  # timed on the CPU: it needs the CPU alone, as the slow tier runs one test at a time
 def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_path):
     """The kernel runs transformers' own RMSNorm forward: the same work on both sides, so a speedup away from 1
     could only come from what the harness charges to one side (switching forwards inside the timed region)."""

@@ -71,6 +71,7 @@ def norm_bytes(workload: str) -> int:
     return 7 * x + 3 * weight if workload == "train" else 2 * x + weight
 
 
+@pytest.mark.slow  # timed on the CPU: it needs the CPU alone, as the slow tier runs one test at a time
 @pytest.mark.parametrize("workload", ["prefill", "decode", "train"])
 def test_an_exact_kernel_alone_is_as_fast_as_eager_and_predicts_the_model(make_config, models, kernel_repos, workload):
     prompt, _ = PROMPTS[workload]
@@ -96,6 +97,7 @@ def test_an_exact_kernel_alone_is_as_fast_as_eager_and_predicts_the_model(make_c
 
 # train: the pass-through's step still copies the incoming gradient, 2 of the 7 tensors an RMSNorm step moves; at
 # most 3.5x faster than the copy, which a busy CPU's jitter can hide (tests/test_gpu.py checks train on a GPU).
+@pytest.mark.slow  # timed on the CPU: it needs the CPU alone, as the slow tier runs one test at a time
 @pytest.mark.parametrize("workload", ["prefill", "decode"])
 def test_a_kernel_faster_than_a_copy_of_its_bytes_is_reported_as_bytes_counted_wrong(make_config, models,
                                                                                      pass_through_rms, workload):
