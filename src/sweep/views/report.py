@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import math
-import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, job_res
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import CompileTable, compile_tables
-from sweep.views.formatting import TIMING_MARKER_NOTE, timing_marker
+from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, present, timing_marker
 from sweep.views.machines import CAPTION as MACHINES_CAPTION
 from sweep.views.machines import MachinePair, export_pairs, machine_pairs, pair_table
 from sweep.views.summary import RESUMED
@@ -235,11 +234,8 @@ def export_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fmt(value: float, spec: str) -> str:
-    if pd.isna(value):
-        return ""
-    if abs(value) >= sys.float_info.max:  # how MLflow stores an infinite ratio
-        return "∞" if value > 0 else "-∞"
-    return format(value, spec)
+    """`format_number`, with an empty cell for a missing value."""
+    return "" if present(value) is None else format_number(value, spec)
 
 
 def _speedup(value: float, low: float, high: float) -> str:
