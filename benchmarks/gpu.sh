@@ -4,7 +4,7 @@
 #   sections: env mission install tests accuracy llama8b coverage precision survive workloads workloads8b;
 #   compile compile8b (baseline=compile, issue 15);
 #   scale (2+ GPUs); repeats; timing (issue 10 in one call: mission, repeats, then coverage);
-#   speed_of_light (issue 25: each kernelized layer alone, SOL_STEP picks parts)
+#   speed_of_light (issue 25: each kernelized layer alone, SOL_STEP picks parts); decode_repeats (issue 23 item 11)
 # With no section, all run in that order. Set STORE to name the sqlite store ($OUT/$STORE.db, default gpu).
 set -uo pipefail
 source .gpu/env.sh || exit 1
@@ -47,7 +47,7 @@ mission() {  # the original report's table. Wall time from process start to the 
 }
 
 store_precision() {  # the precision table of the jobs in $OUT/$1.db, and the rerun spread they show
-    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/$1.db --label sweep 2>&1 | grep "^|\|rerun spread"
+    python3 benchmarks/timing_precision.py --store sqlite:///$OUT/$1.db --label sweep 2>&1 | grep "^|\|rerun spread\|timing.rerun_sd="
 }
 
 coverage() {  # the same combination as 20 jobs: do the intervals hold from one job to the next?
@@ -61,6 +61,17 @@ repeats() {  # the issue's own command, default settings: 5 repeats at each leng
         > $OUT/repeats.log 2>&1
     echo "repeats sweep: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/repeats.log)"
     store_precision repeats
+}
+
+decode_repeats() {  # issue 23 item 11: decode's intervals from one job to the next, two processes of 10 repeats;
+    # the first sweep writes the rerun spread its repeats show to the store, the second adds it to its intervals
+    local half
+    for half in 0 10; do
+        python3 -m sweep -m workload=decode kernels=rms "seed=range($half,$((half + 10)))" numerics.per_layer=false \
+            tracking.uri=sqlite:///$OUT/decode-repeats.db > $OUT/decode-repeats-$half.log 2>&1
+        echo "decode repeats from seed $half: exit $?, $(grep -o 'sweep [0-9a-f]\{8\} ([0-9.]* s)' $OUT/decode-repeats-$half.log)"
+    done
+    store_precision decode-repeats
 }
 
 timing() { mission; repeats; coverage; }  # issue 10's evidence in one call (one GPU)

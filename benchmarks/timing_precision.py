@@ -19,7 +19,9 @@ numerics). Its repeats then scatter more than back to back: that is what `timing
 
 With `--store URI` it reads a sweep's job runs instead and prints the same columns for them, per prompt length
 (`timing_s` as the seconds), e.g. after
-`python -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 numerics.per_layer=false`.
+`python -m sweep -m 'seed=range(20)' kernels=rms prompt.length=118,8192 numerics.gen_tokens=0 numerics.per_layer=false`,
+and writes the `timing.rerun_sd` their repeats show to the store, per GPU model and workload, as such a sweep
+does at its end (docs/timing.md): later sweeps' jobs add it to their intervals.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from sweep.__main__ import CONFIG_DIR
-from sweep.config import TimingConfig, kernel_selection
+from sweep.config import TrackingConfig, kernel_selection
 from sweep.measure.kernelization import KernelSwitch, resolve_kernel
 from sweep.measure.models import load_model, torch_dtype
 from sweep.measure.numerics import forward_logits
 from sweep.measure.prompts import prompt_inputs
-from sweep.measure.statistics import SpeedupEstimate, calibrate_rerun_sd
 from sweep.measure.timing import GraphPlacement, GraphRunner, timed_rounds
 from sweep.run.registration import register_configs
+from sweep.store.calibration import write_rerun_sd
+from sweep.store.tracking import job_result
+from sweep.views.repeats import estimate_note, rerun_sd_estimates
+from sweep.views.table import results_table
 
 Side = tuple[Callable[[], None], Callable[[], object]]  # (select the side, untimed; its forward, timed)
 
@@ -105,28 +110,26 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
         print(f"| {length} | {method} | {columns} |")
 
 
-def from_store(uri: str, label: str, confidence: float) -> None:
+def from_store(uri: str, label: str) -> None:
     """The same columns for a sweep's measured job runs, one row per prompt length (`label` names the method),
-    and the `timing.rerun_sd` they show."""
+    and the `timing.rerun_sd` their repeats show, written to the store for later sweeps as a sweep's are."""
+    tracking = TrackingConfig(uri=uri)
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("kernel-sweep")
+    experiment = client.get_experiment_by_name(tracking.experiment)
     runs = client.search_runs([experiment.experiment_id],
                               "tags.sweep_role = 'job' and tags.run_status = 'measured' and params.kernels != 'none'",
                               max_results=5000, order_by=["attributes.start_time ASC"])
     by_length: dict[str, list] = {}
     for run in runs:
         by_length.setdefault(run.data.params["prompt_len"], []).append(run.data.metrics)
-    rows, calibrations = [], []
+    rows = []
     for length, metrics in sorted(by_length.items(), key=lambda item: int(item[0])):
         estimates = [(m["speedup"], m["speedup_ci_low"], m["speedup_ci_high"]) for m in metrics]
         rows.append((length, label, summary_row(estimates, [m["timing_s"] for m in metrics])))
-        if len(metrics) >= 3 and "timing_blocks" in metrics[0]:  # runs of the fixed-blocks design
-            rerun_sd = calibrate_rerun_sd([SpeedupEstimate(*e) for e in estimates], int(metrics[0]["timing_blocks"]),
-                                          confidence, metrics[0].get("timing_rerun_sd", 0.0))
-            calibrations.append(f"T={length}: {rerun_sd:.5f}")
     print_table(rows)
-    if calibrations:
-        print(f"\nthe rerun spread these jobs show (timing.rerun_sd; set the largest): {', '.join(calibrations)}")
+    for estimate in rerun_sd_estimates(results_table({uri: {run.info.run_id: job_result(run) for run in runs}})):
+        write_rerun_sd(client, tracking, estimate)
+        print(estimate_note(estimate))
 
 
 def main() -> None:
@@ -140,7 +143,7 @@ def main() -> None:
                         help="the sweep's method only, each repeat after an 8192-token forward of each side and 1 s idle")
     args = parser.parse_args()
     if args.store:
-        from_store(args.store, args.label, TimingConfig().confidence)
+        from_store(args.store, args.label)
         return
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -314,10 +314,11 @@ atexit.register(lambda: print("start-up threads alive at exit:",
 
 def rerun_a_finished_sweep(tmp_path: Path, *job: str) -> None:
     """Runs the one-job sweep `job` twice on one store, the second time with nothing to do (its job resumed). Each
-    exits 0 with the way into the UI as its last lines. The second waits for the start-up threads (CUDA, the
-    model's draw) that no job waited for: the interpreter would abandon them, and one abandoned inside torch aborts
-    the process (`terminate called without an active exception`, exit 134). The objects frozen for the jobs'
-    collections do not outlive Triton's module (from Triton 3.9, nanobind's leak report after the last line)."""
+    exits 0 with the ways into the UI as its last lines: the store's command, the sweep's page, every machine's
+    runs. The second waits for the start-up threads (CUDA, the model's draw) that no job waited for: the
+    interpreter would abandon them, and one abandoned inside torch aborts the process (`terminate called without an
+    active exception`, exit 134). The objects frozen for the jobs' collections do not outlive Triton's module (from
+    Triton 3.9, nanobind's leak report after the last line)."""
     first = run_sweep(tmp_path, *job)
     again = run_sweep(tmp_path, *job, instrumentation=SLOW_DRAW)
     assert "0 measured, 0 skipped, 0 failed, 0 killed, 1 resumed" in again.stdout, again.stdout[-3000:]
@@ -325,8 +326,10 @@ def rerun_a_finished_sweep(tmp_path: Path, *job: str) -> None:
     for done in (first, again):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "terminate called" not in done.stderr and "nanobind" not in done.stderr, done.stderr[-3000:]
-        last = done.stdout.splitlines()[-2:]
+        last = done.stdout.splitlines()[-3:]
         assert last[0].startswith("browse the runs: mlflow ui") and last[1].startswith("this sweep's page: "), last
+        assert last[2] == ("every machine's runs side by side: http://127.0.0.1:5000/#/experiments/1/runs?"
+                           "viewStateShareKey=sweep-machines&workflowType=machine_learning"), last
 
 
 def test_a_rerun_of_a_finished_sweep_ends_with_the_way_into_the_ui(tmp_path):

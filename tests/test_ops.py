@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import local_kernel
 from kernel_repos import write_kernel_repo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from rich.console import Console
+from test_report import md_tables, run_main
 from transformers import LlamaConfig
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -22,8 +24,11 @@ from sweep.measure.ops import PLOT, compute_bound, predicted_speedup
 from sweep.records.results import JobResult, RunStatus
 from sweep.run.job import run_job
 from sweep.run.session import SweepSession
+from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
 from sweep.views.ops import AT_THE_LIMIT, BYTES_MISCOUNTED, op_frame
-from sweep.views.table import job_row
+from sweep.views.summary import job_description, sweep_tables
+from sweep.views.sweep_page import Links, report_files, sweep_page
+from sweep.views.table import job_row, results_table
 
 HIDDEN = 2048
 # One decoder layer (two RMSNorms, and the final one: 3 calls), a single narrow attention head and a narrow MLP:
@@ -125,7 +130,8 @@ def test_timing_ops_false_times_no_layer_alone(make_config, models, kernel_repos
     assert PLOT not in result.artifacts
 
 
-def test_the_op_table_is_printed_and_on_the_sweeps_page(make_config, models, kernel_repos, tmp_path):
+def test_the_op_table_is_printed_on_the_sweeps_page_and_in_the_report(make_config, models, kernel_repos, tmp_path,
+                                                                      capsys):
     result = run_job(make_config(*OP_TIMING, *WIDE_NORM_MODEL, "prompt.length=16",
                                  *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm")), models)
     assert result.status == RunStatus.measured, result.reason
@@ -144,6 +150,68 @@ def test_the_op_table_is_printed_and_on_the_sweeps_page(make_config, models, ker
     assert "#### Each kernelized layer alone" in description
     row = next(line for line in description.splitlines() if "| RMSNorm |" in line)
     assert speedup in row and predicted in row and f"[{result.name}](" in row
+
+    [job] = client.search_runs([client.get_run(session.sweep_id).info.experiment_id], "tags.sweep_role = 'job'")
+    plot = f"ops_{job.info.run_id}.png"
+    assert f"report/{plot}" in {a.path for a in client.list_artifacts(session.sweep_id, "report")}
+    report = Path(client.download_artifacts(session.sweep_id, "report/report.md", str(tmp_path))).read_text()
+    [row] = md_tables(report)["Each kernelized layer alone"]  # the sweep's own report
+    assert row["layer"] == "RMSNorm" and row["op speedup [95% CI]"].startswith(speedup)
+    assert row["predicted"] == predicted and row["job"].endswith(" on cpu")
+    assert f"![Each kernelized layer alone: {row['job']}]({plot})" in report
+    for fmt in ("md", "html", "csv"):  # python -m sweep.report
+        code, _, err = run_main(capsys, "--tracking-uri", tracking.uri, "--format", fmt, "--out", str(tmp_path / fmt))
+        assert code == 0, err
+        assert (tmp_path / fmt / plot).read_bytes() == result.artifacts[PLOT]
+    html = (tmp_path / "html" / "report.html").read_text()
+    assert "<h3>Each kernelized layer alone</h3>" in html and f'<img src="{plot}"' in html
+    [exported] = pd.read_csv(tmp_path / "csv" / "ops.csv", dtype=str).to_dict("records")
+    assert exported["workload"] == "prefill" and exported["layer"] == "RMSNorm"
+    assert exported["op speedup [95% CI]"].startswith(speedup) and exported["predicted"] == predicted
+    code, terminal, _ = run_main(capsys, "--tracking-uri", tracking.uri)
+    assert code == 0 and md_tables(terminal)["Each kernelized layer alone"] == [row]
+
+
+def _timed_alone(timing_mode_used: str) -> JobResult:
+    """An exact RMSNorm kernel's job of timing.mode=auto on a GPU: its step's and its op's intervals include 1."""
+    metrics = {"latency_ms_baseline": 2.0, "latency_ms_kernel": 2.0, "speedup": 1.0, "speedup_ci_low": 0.99,
+               "speedup_ci_high": 1.01, "speedup_significant": 0.0, "op_calls_RMSNorm": 9.0,
+               "op_ms_baseline_RMSNorm": 0.01, "op_ms_kernel_RMSNorm": 0.01, "op_speedup_RMSNorm": 1.0,
+               "op_speedup_RMSNorm_ci_low": 0.98, "op_speedup_RMSNorm_ci_high": 1.02, "op_share_RMSNorm": 0.05,
+               "predicted_speedup": 1.0, "prediction_gap": 1.0}
+    return JobResult(name=f"rms timed {timing_mode_used}",
+                     params={"model": "tiny-llama", "dtype": "bf16", "kernels": "rms", "prompt_len": "128",
+                             "batch_size": "1", "device": "auto", "timing_mode": "auto", "workload": "prefill"},
+                     metrics=metrics, tags={"gpu_name": "NVIDIA H100 80GB HBM3", "timing_mode_used": timing_mode_used,
+                                            "op_bound_RMSNorm": "memory"})
+
+
+@pytest.mark.parametrize("timing_mode_used", ["graph", "eager"])
+def test_every_view_writes_a_speedup_alike_and_explains_the_eager_mark_only_where_it_shows_it(tmp_path,
+                                                                                              timing_mode_used):
+    """The step's and the op's speedups, with ~ where their interval includes 1, and (eager) where the job's CUDA
+    graph could not be captured; the captions of the timing and op tables name (eager) only then."""
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a")),
+                      describe=job_description)
+    sweep_id = tracker.start_sweep("auto", tags={})
+    job = _timed_alone(timing_mode_used)
+    logged = results_table({tracker.uri: {tracker.log_job(sweep_id, job): job}})
+    console = Console(file=io.StringIO(), width=400)
+    for table in sweep_tables(logged, "auto"):
+        console.print(table)
+    page = sweep_page(sweep_id, logged, "auto", Links(tracker.run_link, tracker.artifact_link), DESCRIPTION_LIMIT,
+                      report_files(tracker.uri, tracker.experiment, sweep_id))
+    report = page.artifacts["report/report.md"].decode()
+    mark = " (eager)" if timing_mode_used == "eager" else ""
+    views = {"terminal": (console.file.getvalue(), "1.000x [0.990, 1.010] ~"),
+             "sweep page": (page.description, "1.000x [0.990, 1.010] ~"), "report": (report, "1.00x [0.99, 1.01] ~")}
+    for view, (text, speedup) in views.items():
+        for shown in (speedup, "1.00x [0.98, 1.02] ~"):  # the step's, the op's
+            assert shown + mark in text and (mark or shown + " (" not in text), (view, shown)
+    [ops_caption] = [line for line in report.splitlines() if line.startswith("*each layer timed alone")]
+    captions = {"terminal": views["terminal"][0], "sweep page": page.description, "report": ops_caption}
+    for view, text in captions.items():
+        assert ("timed eagerly" in " ".join(text.split())) == bool(mark), view
 
 
 def test_amdahl_predicts_from_each_layers_share_and_op_speedup():
@@ -171,6 +239,6 @@ def test_the_op_table_never_shows_a_speed_of_light_above_1():
     assert rows["MLP"]["SOL kernel"] == rows["MLP"]["SOL baseline"] == "compute-bound"
     assert rows["RMSNorm"]["SOL kernel"] == AT_THE_LIMIT and rows["RMSNorm"]["SOL baseline"] == "0.52"
     assert rows["SiLU"]["SOL kernel"] == "0.80" and rows["SiLU"]["kernel µs"] == "100.0"
-    assert rows["MLP"]["op speedup [95% CI]"] == "2.00x"
+    assert rows["MLP"]["op speedup [95% CI]"] == "2.00x [no interval]"
     assert rows["MLP"]["predicted"] == "1.100x" and rows["MLP"]["measured"] == "1.200x"
     assert rows["RMSNorm"]["predicted"] == "" and rows["RMSNorm"]["job"] == ""

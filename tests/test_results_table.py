@@ -19,7 +19,8 @@ from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.machines import export_pairs, machine_pairs, pair_table, speedup_ratio
-from sweep.views.report import load_runs, speedup_pivot
+from sweep.views.ops import AT_THE_LIMIT
+from sweep.views.report import MACHINES_CSV, load_runs, speedup_pivot
 from sweep.views.summary import job_description, sweep_tables
 from sweep.views.sweep_page import Links, sweep_page
 from sweep.views.table import latest_runs, results_table
@@ -67,6 +68,8 @@ class Spec:
     max_abs_diff: float = 0.0039
     ended_ms: int = T0
     machine: dict[str, str] = field(default_factory=dict)  # fingerprint changes
+    sol: tuple[float, float, float] | None = None  # RMSNorm timed alone: op_sol_RMSNorm and its interval
+    prediction_gap: float = 1.0  # of a run with `sol`
 
     def identity(self) -> tuple[object, ...]:
         """What the test itself takes for the run's identity: what was recorded of it, and the machine."""
@@ -95,6 +98,8 @@ class Spec:
         if self.status == RunStatus.measured:
             result.tags["timing_mode_used"] = "graph" if self.timing_mode == "auto" else "eager"
             result.metrics = self.metrics()
+            if self.sol is not None:
+                result.tags["op_bound_RMSNorm"] = "memory"
         elif self.status != RunStatus.killed:
             result.reason = f"{self.status.value} on purpose: CUDA out of memory"
             result.metrics = {"job_wall_s": 0.5}
@@ -116,6 +121,11 @@ class Spec:
         if self.baseline == "compile":
             metrics |= {"latency_ms_compiled": self.baseline_ms / 1.5, "compile_speedup": 1.5,
                         "compile_speedup_ci_low": 1.45, "compile_speedup_ci_high": 1.55}
+        if self.sol is not None:
+            sol, sol_low, sol_high = self.sol
+            metrics |= {"op_calls_RMSNorm": 9.0, "op_speedup_RMSNorm": 2.0, "op_sol_RMSNorm": sol,
+                        "op_sol_RMSNorm_ci_low": sol_low, "op_sol_RMSNorm_ci_high": sol_high,
+                        "predicted_speedup": value / self.prediction_gap, "prediction_gap": self.prediction_gap}
         return metrics
 
 
@@ -343,6 +353,7 @@ def test_machines_are_compared_configuration_by_configuration(tmp_path: Path,
     assert pair.headline.startswith(f"{H100} vs {H200}: speedups differ in 2 of 3 configurations; the verdict "
                                     "changes in 1: prefill tiny-llama bf16 T=2048 B=1 timing=auto rms")
     assert pair_table(pair).loc[0, "A / B speedup [CI]"].endswith(" *")
+    assert not [column for column in pair_table(pair).columns if "SOL" in column or "gap" in column]
 
     code, out, _ = run_main(capsys, "--tracking-uri", store.uri)  # the terminal
     assert code == 0 and pair.headline in out
@@ -355,6 +366,39 @@ def test_machines_are_compared_configuration_by_configuration(tmp_path: Path,
     assert set(exported["machine_a"]) == {H100} and exported["speedups_differ"].sum() == 2
     code, out, _ = run_main(capsys, "--tracking-uri", store.uri, "--format", "html", "--out", str(tmp_path / "h"))
     assert code == 0 and "Machine against machine" in (tmp_path / "h" / "report.html").read_text()
+
+
+def test_each_machines_share_of_the_limit_sits_beside_its_speedup(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Per configuration both machines measured: each one's op_sol_<Layer> with its interval and its prediction gap;
+    a run of an older store, which timed no layer alone, shows none and breaks nothing."""
+    store = Store(tmp_path, "limits")
+    store.sweep([Spec(length=118, sol=(0.95, 0.93, 0.97), prediction_gap=1.05),
+                 Spec(length=1024, sol=(1.04, 1.01, 1.07), prediction_gap=0.98),  # as fast as the copy
+                 Spec(length=2048)])  # logged before layers were timed alone
+    store.sweep([Spec(gpu=H200, length=118, sol=(0.80, 0.78, 0.82), prediction_gap=0.97),
+                 Spec(gpu=H200, length=1024, sol=(0.60, 0.58, 0.62), prediction_gap=0.91),
+                 Spec(gpu=H200, length=2048, sol=(0.70, 0.69, 0.71))])
+    (pair,) = machine_pairs(latest_runs(load_runs([store.uri], "kernel-sweep")))
+
+    rows = {row["configuration"]: row for row in pair_table(pair).to_dict("records")}
+    short, at_limit, older = (rows[f"tiny-llama bf16 T={length} B=1 timing=auto"] for length in (118, 1024, 2048))
+    assert (short["A SOL RMSNorm"], short["B SOL RMSNorm"]) == ("0.95 [0.93, 0.97]", "0.80 [0.78, 0.82]")
+    assert (short["A prediction gap"], short["B prediction gap"]) == ("1.050", "0.970")
+    assert (at_limit["A SOL RMSNorm"], at_limit["B SOL RMSNorm"]) == (AT_THE_LIMIT, "0.60 [0.58, 0.62]")
+    assert (older["A SOL RMSNorm"], older["A prediction gap"]) == ("-", "-")
+    assert (older["B SOL RMSNorm"], older["B prediction gap"]) == ("0.70 [0.69, 0.71]", "1.000")
+
+    code, out, err = run_main(capsys, "--tracking-uri", store.uri)  # the terminal
+    assert code == 0, err
+    shown = {row["configuration"]: row for row in md_tables(out)[f"{H100} vs {H200}"]}
+    assert shown["tiny-llama bf16 T=118 B=1 timing=auto"]["B SOL RMSNorm"] == "0.80 [0.78, 0.82]"
+    code, _, err = run_main(capsys, "--tracking-uri", store.uri, "--format", "csv", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    exported = pd.read_csv(tmp_path / "r" / MACHINES_CSV).set_index("prompt_len")
+    assert tuple(exported.loc[118, ["op_sol_RMSNorm_a", "op_sol_RMSNorm_ci_low_b", "prediction_gap_b"]]) \
+        == (0.95, 0.78, 0.97)
+    assert exported.loc[2048, ["op_sol_RMSNorm_a", "prediction_gap_a"]].isna().all()
 
 
 @pytest.fixture(scope="module")

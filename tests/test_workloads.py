@@ -20,6 +20,7 @@ from conftest import SHORT_PROMPT, local_kernel
 from sweep.config import KernelSourceMode, KernelSpec
 from sweep.measure.kernelization import KernelSwitch, resolve_kernel
 from sweep.measure.numerics import forward_logits
+from sweep.measure.timing import EagerRunner
 from sweep.measure.workloads.decode import DecodeStep
 from sweep.measure.workloads.train import Train, trainable
 from sweep.records.results import RunStatus
@@ -83,6 +84,28 @@ def test_decode_step_is_the_last_position_of_a_prefill_one_token_longer(make_con
     other = ids[:, 40:] + 1
     assert not torch.allclose(step(other), logits)
     assert torch.equal(step(ids[:, 40:]), logits)  # repeatable at the same position, whatever ran before
+
+
+def test_each_block_renews_the_decode_cache_with_its_side_selected(make_config, models, kernel_repos):
+    """Where a side's cache lands is fixed for a whole job unless each block places it anew: then the blocks sample
+    it, and the interval covers what changes from one job to the next. The kernel side's cache is refilled by the
+    kernel (selected before the renewal), so its step computes what it computed before."""
+    cfg = make_config(*SMALL_LLAMA, "dtype=fp32")
+    model = models.get(cfg.model, torch.float32, torch.device("cpu")).model
+    spec = KernelSpec(layer_name="LowRMSNorm", path=str(kernel_repos["low_rms"]))
+    switch = KernelSwitch.apply(model, [resolve_kernel("RMSNorm", spec, KernelSourceMode.auto)], torch.device("cpu"))
+    ids = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(0))
+    try:
+        with switch.active():
+            step = DecodeStep(model, ids[:, :40])
+            expected = step(ids[:, 40:])
+        switch.select(False)
+        cache = step.cache
+        EagerRunner(step, [ids[:, 40:]], lambda: switch.select(True)).renew()
+        assert step.cache is not cache
+        assert torch.equal(step(ids[:, 40:]), expected)  # the kernel refilled it, and is still selected
+    finally:
+        switch.select(False)
 
 
 def test_decode_needs_a_position_for_the_new_token(make_config, models):
@@ -241,7 +264,7 @@ def test_a_model_that_overflows_at_its_dtype_is_skipped_in_every_workload(make_c
 @pytest.mark.parametrize("workload", ["prefill", "decode", "train"])
 def test_a_job_leaves_no_tensor_in_cyclic_garbage(make_config, models, kernel_repos, workload):
     # On a GPU such garbage holds device memory until Python's collector happens to run: the next job's memory
-    # figures (peak_mem_mb, train's peak_mem_mb_<side>) would count it.
+    # figures (peak_mem_mb_<side>) would count it.
     gc.collect()
     gc.disable()  # only the job's own collections run
     try:

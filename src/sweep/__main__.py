@@ -67,8 +67,8 @@ def sweep_job(cfg: DictConfig) -> None:
         milestone("first_job")
         with sigterm_raises():
             try:
-                result = run_job(cfg, session.models, status=lambda step: spinner.update(f"{label}: {step}"),
-                                 swept=swept, plan=plan)
+                result = run_job(session.with_rerun_sd(cfg, machine), session.models, swept=swept, plan=plan,
+                                 status=lambda step: spinner.update(f"{label}: {step}"))
                 result.tags = started.tags | result.tags
                 result.uid = started.uid  # the record completes the run started for it, also from the spool
                 session.record(result, run_id)  # inside the lease: the run's start and end bound its GPU time

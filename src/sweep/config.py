@@ -78,6 +78,10 @@ class PromptConfig:
     batch_size: int = 1
 
 
+# 0.1%: an H100 with tiny-llama, where 20 jobs at 118 tokens scattered twice as much as their blocks.
+DEFAULT_RERUN_SD = 0.001
+
+
 @dataclass
 class TimingConfig:
     mode: TimingMode = TimingMode.auto
@@ -90,13 +94,23 @@ class TimingConfig:
     input_sets: int = 3  # rotated among so that caches do not flatter either side
     confidence: float = 0.95
     # Relative sd of a speedup from one job to the next that one job's blocks do not sample (the GPU's clock and
-    # thermal state); added to every interval. 0.1%: an H100 with tiny-llama, where 20 jobs at 118 tokens scatter
-    # twice as much as their blocks. Calibrate a GPU with benchmarks/timing_precision.py --store.
-    rerun_sd: float = 0.001
+    # thermal state); added to every interval. null: the newest estimate the store holds for the job's GPU model
+    # and workload (written by a sweep with `seed` repeats), else DEFAULT_RERUN_SD (docs/timing.md).
+    rerun_sd: float | None = None
+    # Set by the sweep with the estimate it takes from the store (tag timing_rerun_sd_source), not by hand.
+    rerun_sd_source: str | None = None
     # Speed of light (docs/speed-of-light.md): each kernelized layer timed alone at the model's shapes, eager against
     # the kernel and against a device copy of its bytes, in the same blocks with this budget of timed work.
     ops: bool = True
     ops_budget_s: float = 0.2
+
+
+def rerun_sd_used(timing: TimingConfig | DictConfig) -> tuple[float, str]:
+    """The `rerun_sd` a job's intervals add, and where it came from (the tag `timing_rerun_sd_source`): the
+    user's (`config`), the store's estimate the sweep set, or `default` when neither is set."""
+    if timing.rerun_sd is None:
+        return DEFAULT_RERUN_SD, "default"
+    return timing.rerun_sd, timing.rerun_sd_source or "config"
 
 
 @dataclass

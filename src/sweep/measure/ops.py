@@ -139,8 +139,8 @@ class TrainingStep:
     backward gets a fresh copy of one fixed incoming gradient, since a kernel may write its input's gradient into
     the incoming one (Liger's RMSNorm does). Returns the last call's first gradient."""
 
-    def __init__(self, calls: list[OpCall]):
-        self.calls = [_TrainingCall(call) for call in calls]
+    def __init__(self, calls: list[OpCall], generator: torch.Generator):
+        self.calls = [_TrainingCall(call, generator) for call in calls]
         self.sizes = [(call.bytes, call.count) for call in self.calls]  # (bytes moved by one call, calls)
 
     def __call__(self, _: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class TrainingStep:
 
 
 class _TrainingCall:
-    def __init__(self, call: OpCall):
+    def __init__(self, call: OpCall, generator: torch.Generator):
         self.call, self.count = call, call.count
         self.args = tuple(_leaf(value) for value in call.args)
         self.kwargs = {name: _leaf(value) for name, value in call.kwargs.items()}
@@ -159,7 +159,8 @@ class _TrainingCall:
         parameters = [p for p in call.module.parameters() if p.requires_grad]
         self.leaves = [tensor for tensor in inputs if tensor.requires_grad] + parameters
         outputs = _tensors(call.module(*self.args, **self.kwargs))
-        self.upstream = [torch.randn_like(output) for output in outputs if output.requires_grad]
+        self.upstream = [torch.randn(output.shape, dtype=output.dtype, device=output.device, generator=generator)
+                         for output in outputs if output.requires_grad]
         state, incoming = _state_bytes(call.module), _nbytes(self.upstream)
         forward = _nbytes(inputs) + state + _nbytes(outputs)
         copy_incoming = 2 * incoming  # read and written
@@ -184,18 +185,22 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 
 class CopyStep:
-    """A device copy of the bytes each call of the layer moves, once per call: half of them read, half written
-    (a clone, which allocates its output as the op does)."""
+    """A device copy of the bytes each call of the layer moves, once per call: half of them read, half written.
+    An elementwise kernel (`torch.neg` into a preallocated output), not torch's `clone` or `copy_`: on CUDA those
+    are a cudaMemcpy, a memcpy node in a graph, which on an H200 took up to 1.9x as long as a kernel moving the same
+    bytes (benchmarks/copy_limit.py), so Liger's RMSNorm came out faster than "the limit"."""
 
-    def __init__(self, sizes: list[tuple[int, int]], device: torch.device):
+    def __init__(self, sizes: list[tuple[int, int]], device: torch.device, generator: torch.Generator):
         """`sizes`: (bytes moved by one call, calls) per signature."""
-        self.sources = [(torch.rand(max(1, size // 8), device=device), count) for size, count in sizes]
+        self.copies = [(source, torch.empty_like(source), count)
+                       for source, count in ((torch.rand(max(1, size // 8), device=device, generator=generator),
+                                              count) for size, count in sizes)]
 
     def __call__(self, _: torch.Tensor) -> torch.Tensor:
-        for source, count in self.sources:
+        for source, target, count in self.copies:
             for _ in range(count):
-                copied = source.clone()
-        return copied
+                torch.neg(source, out=target)
+        return target
 
 
 @dataclass
@@ -211,15 +216,18 @@ class LayerOps:
 
 
 def layer_ops(calls: dict[str, list[OpCall]], training: bool, device: torch.device) -> list[LayerOps]:
-    """Each layer's timed unit (`captured_calls`' signatures): forwards, or in `training` forwards and backwards."""
+    """Each layer's timed unit (`captured_calls`' signatures): forwards, or in `training` forwards and backwards.
+    Their random tensors come from a generator of their own: a CUDA-graph capture that failed (the job then timed
+    eagerly) leaves the process's default CUDA generator unusable, as torch ends its capture only on success."""
+    generator = torch.Generator(device).manual_seed(0)
     layers = []
     for layer, signatures in calls.items():
-        step = TrainingStep(signatures) if training else ForwardStep(signatures)
+        step = TrainingStep(signatures, generator) if training else ForwardStep(signatures)
         total = sum(call.count for call in signatures)
         bytes_per_call = sum(size * count for size, count in step.sizes) / total
         bound = any(compute_bound(call.module) for call in signatures)
         layers.append(LayerOps(layer, step, total, bytes_per_call, bound,
-                               None if bound else CopyStep(step.sizes, device)))
+                               None if bound else CopyStep(step.sizes, device, generator)))
     return layers
 
 

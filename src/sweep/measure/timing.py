@@ -9,11 +9,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from sweep.config import TimingConfig
+from sweep.config import TimingConfig, rerun_sd_used
 from sweep.measure.numerics import relative_error
 from sweep.measure.statistics import SpeedupEstimate, blocked_speedup
 from sweep.records.errors import GraphCheckError
@@ -37,6 +37,21 @@ def _no_switch() -> None:
     pass
 
 
+@runtime_checkable
+class Renewable(Protocol):
+    """A forward that keeps state of its own between calls (decode's KV cache)."""
+
+    def renew(self) -> None:
+        """Untimed, with its side selected: build that state again, somewhere new in memory."""
+
+
+def renew_state(forward: Forward) -> None:
+    """Each block renews a `Renewable` forward's state, as a new job would: where that state lands would otherwise
+    be fixed for the whole job, a difference between jobs that no block samples."""
+    if isinstance(forward, Renewable):
+        forward.renew()
+
+
 class EagerRunner:
     def __init__(self, forward: Forward, inputs: list[torch.Tensor], select: Select = _no_switch):
         self._forward = forward
@@ -45,7 +60,9 @@ class EagerRunner:
         self._current = inputs[0]
 
     def renew(self) -> None:
-        """An eager forward allocates afresh every time: nothing to renew."""
+        """An eager forward allocates afresh every time: only a forward's own state is renewed."""
+        self._select()
+        renew_state(self._forward)
 
     def prepare(self, input_index: int) -> None:
         self._select()
@@ -150,6 +167,7 @@ class GraphRunner:
         self._inputs = [ids.clone() for ids in self._inputs]
         self.static_input = self._inputs[0].clone()
         self._select()  # captured into the graph: replays need no switching
+        renew_state(forward)
         first = not self._expected
         if first:  # compilation, cuBLAS handles, autotuning happen before capture, not in it
             side_stream = torch.cuda.Stream()
@@ -320,7 +338,7 @@ def timed_sides(
             progress(result)
     result.estimates = {
         name: blocked_speedup(result.ms[numerator], result.ms[denominator], result.blocks, cfg.confidence,
-                               cfg.rerun_sd)
+                               rerun_sd_used(cfg)[0])
         for name, (numerator, denominator) in comparisons.items()
     }
     return result

@@ -23,6 +23,7 @@ from sweep.config import (
     SweepConfig,
     TimingMode,
     kernel_selection,
+    rerun_sd_used,
 )
 from sweep.measure.compilation import baseline_params, check_baseline, compiles
 from sweep.measure.kernelization import (
@@ -31,7 +32,7 @@ from sweep.measure.kernelization import (
     check_layers_exist,
     resolve_kernel,
 )
-from sweep.measure.memory import peak_memory
+from sweep.measure.memory import peak_memory_per_side
 from sweep.measure.models import ModelCache, ReferenceKey, torch_dtype
 from sweep.measure.ops import measure_ops
 from sweep.measure.timing import (
@@ -55,6 +56,8 @@ from sweep.records.fingerprint import fingerprint, gpu_memory_is_integrated
 from sweep.records.redaction import redact_text
 from sweep.records.results import JobResult, RunStatus
 from sweep.run.lease import contention_tags
+from sweep.run.resume import repeat_hash
+from sweep.store.calibration import REPEAT_TAG, RERUN_SD_SOURCE_TAG
 
 StatusHook = Callable[[str], None]
 
@@ -301,13 +304,8 @@ def _measure(cfg, plan: JobPlan, models: ModelCache, result: JobResult, status: 
             status("checking every input set's outputs")
             _check_other_input_sets(job, sides)
         result.tags |= contention_tags(plan.device)
-        # Only what the timed steps need counts: the reference, per-layer work and generation are cached across
-        # the jobs of a group, so counting them, or what they leave allocated, would make a job's peak depend on
-        # the jobs before it.
-        with peak_memory(plan.device) as timed:
-            _time(sides, switch, inputs, cfg, plan, result, status, phases)
-        if plan.device.type == "cuda":
-            result.metrics["peak_mem_mb"] = timed.above_held_mb
+        _time(sides, switch, inputs, cfg, plan, result, status, phases)
+        result.metrics |= _peak_memory(sides, switch, inputs, plan.device)
         if switch is not None and sides.kernel is not None and cfg.timing.ops:
             status("timing each kernelized layer alone")
             with phases("ops"):
@@ -346,6 +344,16 @@ def _runners(mode: TimingMode, sides: Sides, switch: KernelSwitch | None, inputs
     for side in sides.others:
         runners[side.name] = make(side.name, side.forward, side.select)
     return runners
+
+
+def _peak_memory(sides: Sides, switch: KernelSwitch | None, inputs, device: torch.device) -> dict[str, float]:
+    """The baseline's and the kernel's step, each on its own after timing (`peak_memory_per_side`)."""
+    runners = _runners(TimingMode.eager, sides, switch, inputs[:1])
+    try:
+        return peak_memory_per_side({side: runners[side] for side in (BASELINE, KERNEL) if side in runners}, device)
+    finally:
+        if switch is not None:
+            switch.select(False)
 
 
 def capture_impossible(error: Exception) -> bool:
@@ -400,7 +408,9 @@ def _time_modes(sides: Sides, switch, inputs, cfg, plan: JobPlan, result: JobRes
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)
     _timing_metrics(measured, result)
-    result.metrics["timing_rerun_sd"] = cfg.timing.rerun_sd
+    result.metrics["timing_rerun_sd"], result.tags[RERUN_SD_SOURCE_TAG] = rerun_sd_used(cfg.timing)
+    result.metrics["timing_confidence"] = cfg.timing.confidence
+    result.tags[REPEAT_TAG] = repeat_hash(cfg)  # its repeats estimate rerun_sd (sweep/views/repeats.py)
     if replay_errors:
         result.metrics["graph_replay_rel_err"] = max(replay_errors)
 

@@ -26,11 +26,22 @@ def job_key(cfg: DictConfig, device: torch.device, kernels: Sequence[ResolvedKer
     """The same for two jobs with the same resolved configuration, kernels, machine fingerprint and code version.
     `kernels`: as resolved for the job, so that an edited local kernel or a new Hub build of the same `version` is
     measured again (the configuration names only where the kernel is)."""
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    assert isinstance(config, dict)
-    measured = {k: v for k, v in config.items() if k not in NOT_MEASUREMENT}
     identities = {kernel.layer: kernel.identity for kernel in kernels}  # what `kernel_<Layer>` records
     machine = {k: v for k, v in fingerprint(device).items() if k not in (*NOT_MACHINE, *IMPLIED_MACHINE_FIELDS)}
-    payload = json.dumps({"config": measured, "kernels": identities, "machine": machine, "code": code_version()},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+    return _hash({"config": _measured(cfg), "kernels": identities, "machine": machine, "code": code_version()})
+
+
+def repeat_hash(cfg: DictConfig) -> str:
+    """The same for two jobs whose configurations differ at most in `seed`: repeats of one measurement, whose
+    scatter estimates `timing.rerun_sd` (sweep/views/repeats.py)."""
+    return _hash({k: v for k, v in _measured(cfg).items() if k != "seed"})
+
+
+def _measured(cfg: DictConfig) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    return {k: v for k, v in config.items() if k not in NOT_MEASUREMENT}
+
+
+def _hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

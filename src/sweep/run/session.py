@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -25,9 +26,11 @@ from sweep.records.redaction import redact_uri
 from sweep.records.results import JobResult, RunStatus
 from sweep.run.startup import draw_model_in_background, milestone, start_cuda_in_background, startup_metrics
 from sweep.run.validation import validate_jobs
+from sweep.store.calibration import device_model, newest_rerun_sd, write_rerun_sd
 from sweep.store.spool import Spool, SpoolError
 from sweep.store.sync import Delivery
 from sweep.store.tracking import DESCRIPTION_LIMIT, RESUME_TAG, Tracker
+from sweep.views.repeats import estimate_note, rerun_sd_estimates
 from sweep.views.summary import RESUMED, job_description, status_counts, sweep_tables
 from sweep.views.table import results_table
 
@@ -44,11 +47,13 @@ class SweepSession:
         # Off a terminal (CI logs, files) rich would wrap the summary table at 80 columns.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         self.tracker = Tracker(tracking, describe=job_description)
+        self.tracking = tracking
         self.name, self.experiment = name, tracking.experiment
         self.delivery = Delivery(self.tracker, Spool(tracking.spool_dir), warn=self._warn)
         self.context_lost_after: str | None = None  # the job whose sticky CUDA error ended this process's GPU use
         self.models = ModelCache()
         self.results: list[JobResult] = []
+        self._stored_rerun_sd: dict[tuple[str, str], tuple[float, str] | None] = {}  # see with_rerun_sd
         self.total_jobs = total_jobs
         self.started = time.perf_counter()
         self._failed = 0
@@ -105,6 +110,24 @@ class SweepSession:
             self._warn(f"the tracking store did not answer ({type(error).__name__}); {otherwise}")
             return None
 
+    def with_rerun_sd(self, cfg: DictConfig, machine: Mapping[str, str]) -> DictConfig:
+        """The job's configuration with the `timing.rerun_sd` its intervals add when the user left it unset: the
+        newest estimate the store holds for its device model (`machine`: its fingerprint) and workload, looked up
+        once per session; unchanged (the default) without one."""
+        if cfg.timing.rerun_sd is not None:
+            return cfg
+        key = (device_model(machine), str(cfg.workload.name))
+        if key not in self._stored_rerun_sd:
+            self._stored_rerun_sd[key] = self._if_store_answers(
+                lambda: newest_rerun_sd(self.tracker.client, self.experiment, *key), "jobs add the default rerun_sd")
+        stored = self._stored_rerun_sd[key]
+        if stored is None:
+            return cfg
+        rerun_sd, source = stored
+        merged = OmegaConf.merge(cfg, {"timing": {"rerun_sd": rerun_sd, "rerun_sd_source": source}})
+        assert isinstance(merged, DictConfig)
+        return merged
+
     def skip_measured(self, name: str, job_key: str, run_id: str) -> None:
         """resume=true: this combination was measured before, with the same configuration, kernels, machine and
         code."""
@@ -154,14 +177,23 @@ class SweepSession:
             # Imported here: only the launching process draws the page, and workers then skip matplotlib's import.
             from sweep.views.sweep_page import Links, report_files, sweep_page
 
-            page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}",
-                              Links(self.tracker.run_link, self.tracker.artifact_link), DESCRIPTION_LIMIT,
+            links = Links(self.tracker.run_link, self.tracker.artifact_link, self.tracker.machines_view_link())
+            page = sweep_page(self.sweep_id, jobs, f"{self.name}: {title}", links, DESCRIPTION_LIMIT,
                               report_files(self.tracker.uri, self.experiment, self.sweep_id))
             self._if_store_answers(lambda: self.tracker.describe_sweep(self.sweep_id, page.description, page.artifacts),
                                    "the sweep's page is not written")
+            self._store_rerun_sd(jobs)
         summary = {f"jobs_{k}": v for k, v in counts.items()} | {"wall_s": wall}
         self.delivery.end_sweep(self.sweep_id, summary | startup_metrics(), failed=self._failed > 0)
         self._print_way_in()
+
+    def _store_rerun_sd(self, jobs: pd.DataFrame) -> None:
+        """What the sweep's repeats (jobs differing only in `seed`) show of `timing.rerun_sd`, written to the store
+        for later jobs on the same device model and workload."""
+        for estimate in rerun_sd_estimates(jobs):
+            if self._if_store_answers(lambda: write_rerun_sd(self.tracker.client, self.tracking, estimate),
+                                      "the rerun spread of its repeats is not stored"):
+                self.console.print(estimate_note(estimate), soft_wrap=True, markup=False)
 
     def _stored_jobs(self) -> dict[str, JobResult]:
         """The sweep's jobs from the store by run id, whichever process logged them, those resumed (measured by an
@@ -176,6 +208,7 @@ class SweepSession:
         if command:
             self.console.print(f"browse the runs: [bold]{command}[/]", soft_wrap=True)
         self.console.print(f"this sweep's page: {self.tracker.run_page(self.sweep_id)}", soft_wrap=True)
+        self.console.print(f"every machine's runs side by side: {self.tracker.machines_view_page()}", soft_wrap=True)
 
 
 _current: SweepSession | None = None

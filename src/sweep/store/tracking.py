@@ -22,6 +22,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from sweep.config import TrackingConfig
 from sweep.records.redaction import redact_mapping, redact_text, redact_uri
 from sweep.records.results import JobResult, RunStatus
+from sweep.store.runs_view import MACHINES_VIEW_QUERY, share_machines_view
 
 # MLflow's UI opens an experiment on its GenAI pages unless told it holds model-training runs. MLflow 3.17 reads
 # that from the page URL (`workflowType`, a switch in the sidebar); earlier 3.x UIs read this experiment tag.
@@ -40,6 +41,7 @@ RESUMED_NOTE = ": measured in run "  # such a tag's value: `<job name>: measured
 RESUMED_BY_TAG = "resumed_by_sweep"
 
 JOB_UID_TAG = "job_uid"  # JobResult.uid: finds a run again when an upload is retried from the spool
+REPORT_ROLE = "report"  # the `sweep_role` of a run holding a report (`python -m sweep.report --log-run`)
 
 
 def configure_http_retries(cfg: TrackingConfig) -> None:
@@ -108,6 +110,7 @@ class Tracker:
         self.uri = cfg.uri
         self.experiment = cfg.experiment
         self.experiment_id = open_experiment(self.client, cfg)
+        share_machines_view(self.client, self.experiment_id)
 
     def start_sweep(self, name: str, tags: dict[str, str]) -> str:
         tags = redact_mapping(tags | {"sweep_role": "parent"})
@@ -231,6 +234,14 @@ class Tracker:
         self.client.set_tag(sweep_id, MLFLOW_RUN_NOTE, redact_text(description))
         self._log_artifacts(sweep_id, artifacts)
 
+    def log_report(self, name: str, page: Callable[[str], tuple[str, dict[str, str | bytes]]]) -> str:
+        """A finished run holding a report (`sweep_role` REPORT_ROLE), its id: `page(run_id)` is its description
+        and artifacts, as for `describe_sweep`."""
+        run = self.client.create_run(self.experiment_id, run_name=redact_text(name), tags={"sweep_role": REPORT_ROLE})
+        self.describe_sweep(run.info.run_id, *page(run.info.run_id))
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
     def ui_command(self) -> str | None:
         """The command that serves this store's UI; None for a tracking server, which serves it already."""
         if self.uri.startswith(("http://", "https://")):
@@ -242,12 +253,22 @@ class Tracker:
 
     def run_page(self, run_id: str) -> str:
         """The address of the run's page in the UI, opened on model-training runs."""
-        address = self.uri.rstrip("/") if self.ui_command() is None else DEFAULT_UI_ADDRESS
-        return f"{address}/{self.run_link(run_id)}"
+        return f"{self._ui_address()}/{self.run_link(run_id)}"
 
     def run_link(self, run_id: str) -> str:
         """The run's page relative to the UI's address, for links inside the UI (run descriptions)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}?{UI_WORKFLOW_QUERY}"
+
+    def machines_view_page(self) -> str:
+        """The address of the experiment's runs in the UI, each configuration's machines side by side."""
+        return f"{self._ui_address()}/{self.machines_view_link()}"
+
+    def machines_view_link(self) -> str:
+        """The experiment's runs in the view `share_machines_view` saved, relative to the UI's address."""
+        return f"#/experiments/{self.experiment_id}/runs?{MACHINES_VIEW_QUERY}&{UI_WORKFLOW_QUERY}"
+
+    def _ui_address(self) -> str:
+        return self.uri.rstrip("/") if self.ui_command() is None else DEFAULT_UI_ADDRESS
 
     @staticmethod
     def artifact_link(run_id: str, path: str) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sweep.views.comparison import kernel_label
-from sweep.views.formatting import TIMING_MARKER_NOTE, Row, metric, timing_marker
+from sweep.views.formatting import Row, metric, timing_marker, timing_notes
 from sweep.views.summary import configuration, grouped, varying_configuration
 
 BAR_WIDTH = 0.8
@@ -54,7 +54,7 @@ def speedup_chart(jobs: pd.DataFrame, title: str) -> bytes | None:
     ax.set_ylabel("speedup (baseline / kernel)")
     wrapped = textwrap.wrap(title, width=int(width * 11))
     legend = ["bars: speedup, whiskers: 95% interval, dashed: no change"]
-    legend += [TIMING_MARKER_NOTE] if any(timing_marker(r) for r in ordered) else []
+    legend += timing_notes(ordered)
     ax.set_title("\n".join([*wrapped, *legend]))
     ax.margins(y=0.25)
     buffer = io.BytesIO()

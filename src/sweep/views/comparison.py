@@ -10,7 +10,7 @@ from statistics import median_low
 
 import pandas as pd
 
-from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, timing_marker
+from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, speedup_text
 from sweep.views.table import CONFIG
 
 EAGER, COMPILE = "eager", "torch.compile"
@@ -74,18 +74,6 @@ def kernel_label(row: Row) -> str:
     return str(present(row.get("kernel_label")) or row.get("kernels"))
 
 
-def ratio(row: Row, name: str, digits: int = 2) -> str:
-    """`1.23x [1.20, 1.26]` from the metric `name` and its interval; `~` when the interval includes 1, and the
-    row's `timing_marker`."""
-    value, low, high = (metric(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
-    if value is None:
-        return "-"
-    if low is None or high is None:
-        return f"{value:.{digits}f}x [no interval]{timing_marker(row)}"
-    marker = " ~" if low <= 1.0 <= high else ""
-    return f"{value:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}{timing_marker(row)}"
-
-
 def _number(row: Row, name: str, spec: str) -> str:
     return format_number(metric(row, name), spec)
 
@@ -112,10 +100,10 @@ COLUMNS: tuple[tuple[str, object], ...] = (
     ("compile ms", lambda r: _number(r, "latency_ms_compiled", ".4f")),
     ("kernels ms", lambda r: _number(r, "latency_ms_kernel", ".4f")),
     ("compile+kernels ms", lambda r: _number(r, "latency_ms_compiled_kernel", ".4f")),
-    ("compile / eager", lambda r: ratio(r, "compile_speedup")),
-    ("kernels / eager", lambda r: ratio(r, "speedup")),
-    ("kernels / compile", lambda r: ratio(r, "kernel_vs_compile")),
-    ("compile+kernels / compile", lambda r: ratio(r, "compiled_kernel_speedup")),
+    ("compile / eager", lambda r: speedup_text(r, "compile_speedup")),
+    ("kernels / eager", lambda r: speedup_text(r, "speedup")),
+    ("kernels / compile", lambda r: speedup_text(r, "kernel_vs_compile")),
+    ("compile+kernels / compile", lambda r: speedup_text(r, "compiled_kernel_speedup")),
     ("compile s", lambda r: _number(r, "compile_s_baseline", ".1f")),
     ("graph breaks", lambda r: _number(r, "graph_breaks_baseline", ".0f")),
     ("recompiles", lambda r: _number(r, "recompiles", ".0f")),
@@ -170,11 +158,11 @@ def headline(rows: Sequence[Row]) -> str:
         return "no option measured"
     best = max(options, key=lambda o: metric(o.row, o.vs_eager) or 0.0)
     if (metric(best.row, best.vs_eager) or 0.0) <= 1.0:
-        runner_up = f"{best.name}: {ratio(best.row, best.vs_eager)} eager's speed"
+        runner_up = f"{best.name}: {speedup_text(best.row, best.vs_eager)} eager's speed"
         return f"fastest: eager; the best other option is {runner_up}"
-    text = f"fastest: {best.name}, {ratio(best.row, best.vs_eager)} over eager"
+    text = f"fastest: {best.name}, {speedup_text(best.row, best.vs_eager)} over eager"
     if best.vs_compile is not None and metric(best.row, best.vs_compile) is not None:
-        return text + f", {ratio(best.row, best.vs_compile)} over torch.compile"
+        return text + f", {speedup_text(best.row, best.vs_compile)} over torch.compile"
     kernel_options = [o for o in options if o.vs_compile is not None and metric(o.row, o.vs_compile) is not None]
     if kernel_options:
         closest = max(kernel_options, key=lambda o: metric(o.row, o.vs_compile) or 0.0)
@@ -188,4 +176,4 @@ def _inverse(row: Row, name: str) -> str:
     value, low, high = (metric(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
     inverted = {**row, name: 1 / value if value else None, name + "_ci_low": 1 / high if low and high else None,
                 name + "_ci_high": 1 / low if low and high else None}
-    return ratio(inverted, name)
+    return speedup_text(inverted, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
@@ -46,3 +46,22 @@ def timing_marker(run: Mapping[str, object]) -> str:
     device_type = "cpu" if run.get("gpu_name") in (None, "", "cpu") else "cuda"
     planned = TimingMode(requested).planned(device_type)[0]
     return "" if used == planned.value else f" ({used})"
+
+
+def timing_notes(rows: Iterable[Mapping[str, object]]) -> list[str]:
+    """TIMING_MARKER_NOTE where any of `rows` carries the `timing_marker`, else nothing: a caption explains only the
+    marks its table shows."""
+    return [TIMING_MARKER_NOTE] if any(timing_marker(row) for row in rows) else []
+
+
+def speedup_text(row: Row, name: str = "speedup", digits: int = 2) -> str:
+    """`1.23x [1.20, 1.26]` from the metric `name` and its 95% interval (`_ci_low`, `_ci_high`): ` ~` after an
+    interval that includes 1, `[no interval]` where the row has none, then the row's `timing_marker`; `-` where the
+    row has no such metric."""
+    value, low, high = (metric(row, name + suffix) for suffix in ("", "_ci_low", "_ci_high"))
+    if value is None:
+        return "-"
+    if low is None or high is None:  # a record without its interval says so rather than inventing one
+        return f"{value:.{digits}f}x [no interval]{timing_marker(row)}"
+    marker = " ~" if low <= 1.0 <= high else ""
+    return f"{value:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}{timing_marker(row)}"

@@ -1,6 +1,7 @@
 """Machine against machine: every configuration measured on two or more machines, side by side: each machine's
 speedup, baseline latency and err_ratio, the ratio of their speedups with its interval, the ratio of their baseline
-latencies, and what differs in their software."""
+latencies, each machine's share of the limit per layer timed alone and its prediction gap, and what differs in their
+software."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from itertools import combinations
 import pandas as pd
 
 from sweep.records.results import RunStatus
-from sweep.views.comparison import ratio
-from sweep.views.formatting import Row, format_number, metric
+from sweep.views.formatting import Row, format_number, metric, speedup_text
+from sweep.views.ops import layers, limit_columns, speed_of_light
 from sweep.views.summary import configuration
 from sweep.views.table import CONFIG, DETAILS, NOT_RECORDED
 
@@ -28,9 +29,12 @@ HELPS_FROM = 1.02
 CAPTION = ("A / B speedup: A's speedup over B's. Its interval: on the log scale, the lower half-width is A's lower and "
            "B's upper half-width combined in quadrature, the upper one the other two (independent 95% intervals); "
            f"{MARK.strip()}: the interval excludes 1, the machines' speedups differ. B / A baseline: how many times "
-           "faster A runs the model without kernels. ~: a speedup's interval includes 1. Verdict changes: a kernel "
-           f"that helps (interval above 1, speedup at least {HELPS_FROM}x) or is exact (max diff 0) on one machine "
-           "only.")
+           "faster A runs the model without kernels. ~: a speedup's interval includes 1. SOL <layer>: the layer timed "
+           "alone, a copy of the same bytes' time over the kernel's, with its interval (1: at the limit no "
+           "memory-bound kernel can beat; docs/speed-of-light.md); prediction gap: the measured speedup over the one "
+           "the layers' shares and op speedups predict (both -: the run timed no layer alone). Verdict changes: a "
+           f"kernel that helps (interval above 1, speedup at least {HELPS_FROM}x) or is exact (max diff 0) on one "
+           "machine only.")
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ def _pair(a: Row, b: Row) -> dict[str, object]:
         row |= {f"{name}_{side}": run[name] for name in (
             "speedup", "speedup_ci_low", "speedup_ci_high", "latency_ms_baseline", "err_ratio", "max_abs_diff",
             "timing_mode_used", "gpu_name", "run_id", "store")}
+        row |= {f"{name}_{side}": run.get(name) for layer in layers(run) for name in limit_columns(layer)}
+        row[f"prediction_gap_{side}"] = run.get("prediction_gap")
     return row | {
         "speedup_ratio": value, "speedup_ratio_ci_low": low, "speedup_ratio_ci_high": high,
         "speedups_differ": low is not None and high is not None and not low <= 1.0 <= high,
@@ -146,25 +152,37 @@ def _headline(a: str, b: str, rows: pd.DataFrame) -> str:
 
 
 def pair_table(pair: MachinePair) -> pd.DataFrame:
-    """The pair's rows as text, A and B being `pair.a` and `pair.b`."""
-    rows = pair.rows
-    sides = {side: [{"speedup": r[f"speedup_{side}"], "speedup_ci_low": r[f"speedup_ci_low_{side}"],
-                     "speedup_ci_high": r[f"speedup_ci_high_{side}"], "timing_mode_used": r[f"timing_mode_used_{side}"],
-                     "timing_mode": r["timing_mode"], "gpu_name": r[f"gpu_name_{side}"]}
-                    for r in rows.to_dict("records")] for side in ("a", "b")}
+    """The pair's rows as text, A and B being `pair.a` and `pair.b`; a column per layer timed alone on either."""
+    rows = pair.rows.to_dict("records")
+    sides = {side: [_side(row, side) for row in rows] for side in ("a", "b")}
+    timed = list(dict.fromkeys(layer for side in sides.values() for run in side for layer in layers(run)))
+    limits = {f"{side.upper()} SOL {layer}": [speed_of_light(run, layer, f"op_sol_{layer}", interval=True)
+                                              for run in sides[side]] for layer in timed for side in sides}
+    if any(metric(run, "prediction_gap") is not None for side in sides.values() for run in side):
+        limits |= {f"{side.upper()} prediction gap": [format_number(metric(run, "prediction_gap"), ".3f")
+                                                      for run in sides[side]] for side in sides}
+    frame = pair.rows
     return pd.DataFrame({
-        "workload": rows["workload"], "baseline": rows["baseline"],
-        "configuration": rows["configuration"], "kernels": rows["kernel_label"],
-        "A speedup [CI]": [ratio(r, "speedup") for r in sides["a"]],
-        "B speedup [CI]": [ratio(r, "speedup") for r in sides["b"]],
-        "A / B speedup [CI]": [_ratio_text(r) for r in rows.to_dict("records")],
-        "A baseline ms": rows["latency_ms_baseline_a"].map(lambda v: format_number(v, ".4g")),
-        "B baseline ms": rows["latency_ms_baseline_b"].map(lambda v: format_number(v, ".4g")),
-        "B / A baseline": rows["baseline_ratio"].map(lambda v: format_number(v, ".3f")),
-        "A err_ratio": rows["err_ratio_a"].map(lambda v: format_number(v, ".3g")),
-        "B err_ratio": rows["err_ratio_b"].map(lambda v: format_number(v, ".3g")),
-        "verdict changes": rows["verdict"], "differs": rows["differs"],
+        "workload": frame["workload"], "baseline": frame["baseline"],
+        "configuration": frame["configuration"], "kernels": frame["kernel_label"],
+        "A speedup [CI]": [speedup_text(run) for run in sides["a"]],
+        "B speedup [CI]": [speedup_text(run) for run in sides["b"]],
+        "A / B speedup [CI]": [_ratio_text(row) for row in rows],
+        "A baseline ms": frame["latency_ms_baseline_a"].map(lambda v: format_number(v, ".4g")),
+        "B baseline ms": frame["latency_ms_baseline_b"].map(lambda v: format_number(v, ".4g")),
+        "B / A baseline": frame["baseline_ratio"].map(lambda v: format_number(v, ".3f")),
+        "A err_ratio": frame["err_ratio_a"].map(lambda v: format_number(v, ".3g")),
+        "B err_ratio": frame["err_ratio_b"].map(lambda v: format_number(v, ".3g")),
+        **limits, "verdict changes": frame["verdict"], "differs": frame["differs"],
     })
+
+
+def _side(row: Row, side: str) -> dict[str, object]:
+    """One machine's run of a pair's row: its own columns (`<name>_<side>`) by their bare names, and the timing
+    mode both asked for."""
+    suffix = f"_{side}"
+    mine = {name.removesuffix(suffix): value for name, value in row.items() if name.endswith(suffix)}
+    return mine | {"timing_mode": row["timing_mode"]}
 
 
 def _ratio_text(row: Row) -> str:

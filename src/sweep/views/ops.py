@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from sweep.views.formatting import Row, format_number, metric, present
+from sweep.views.formatting import Row, format_number, metric, present, speedup_text, timing_notes
 
 OPS_CAPTION = ("each layer timed alone at the model's shapes, per call. SOL (speed of light): a copy of the same "
                "bytes' time over the op's, 1 at the limit no memory-bound kernel can beat ('at the limit': up to "
@@ -31,27 +31,36 @@ def has_ops(rows: Sequence[Row]) -> bool:
     return any(layers(row) for row in rows)
 
 
+def ops_caption(rows: Sequence[Row]) -> str:
+    """The op table's caption, with the `timing_marker`'s note where a job that timed its layers carries it."""
+    return "; ".join([OPS_CAPTION, *timing_notes(row for row in rows if layers(row))])
+
+
 def _us(row: Row, name: str) -> str:
     value = metric(row, name)
     return format_number(None if value is None else value * 1e3, ".1f")
 
 
-def _interval(row: Row, name: str) -> str:
-    value, low, high = (metric(row, f"{name}{suffix}") for suffix in ("", "_ci_low", "_ci_high"))
-    if value is None:
-        return "-"
-    if low is None or high is None:
-        return f"{value:.2f}x"
-    return f"{value:.2f}x [{low:.2f}, {high:.2f}]{' ~' if low <= 1.0 <= high else ''}"
-
-
-def _speed_of_light(row: Row, layer: str, name: str) -> str:
+def speed_of_light(row: Row, layer: str, name: str, interval: bool = False) -> str:
+    """The layer's share of the limit, the metric `name` (`op_sol_<Layer>`: the kernel's; `op_sol_baseline_<Layer>`:
+    the baseline's), with its interval where asked and logged; what stands instead where there is none to show:
+    compute-bound, bytes counted wrong, at the limit."""
     if present(row.get(f"op_bound_{layer}")) == "compute":
         return COMPUTE_BOUND
     if present(row.get(f"op_bytes_miscounted_{layer}")):
         return BYTES_MISCOUNTED
-    value = metric(row, name)
-    return AT_THE_LIMIT if value is not None and value > 1.0 else format_number(value, ".2f")
+    value, low, high = (metric(row, f"{name}{suffix}") for suffix in ("", "_ci_low", "_ci_high"))
+    if value is not None and value > 1.0:
+        return AT_THE_LIMIT
+    if not interval or low is None or high is None:
+        return format_number(value, ".2f")
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def limit_columns(layer: str) -> tuple[str, ...]:
+    """What `speed_of_light` reads of the kernel's share of the limit, and what `layers` finds the layer by."""
+    return (f"{_CALLS}{layer}", f"op_sol_{layer}", f"op_sol_{layer}_ci_low", f"op_sol_{layer}_ci_high",
+            f"op_bound_{layer}", f"op_bytes_miscounted_{layer}")
 
 
 def _op_row(row: Row, layer: str) -> dict[str, str]:
@@ -60,11 +69,11 @@ def _op_row(row: Row, layer: str) -> dict[str, str]:
         "calls": format_number(metric(row, f"op_calls_{layer}"), ".0f"),
         "baseline µs": _us(row, f"op_ms_baseline_{layer}"),
         "kernel µs": _us(row, f"op_ms_kernel_{layer}"),
-        "op speedup [95% CI]": _interval(row, f"op_speedup_{layer}"),
+        "op speedup [95% CI]": speedup_text(row, f"op_speedup_{layer}"),
         "copy µs": _us(row, f"op_ms_copy_{layer}"),
         "kernel GB/s": format_number(metric(row, f"op_gbps_kernel_{layer}"), ".0f"),
-        "SOL baseline": _speed_of_light(row, layer, f"op_sol_baseline_{layer}"),
-        "SOL kernel": _speed_of_light(row, layer, f"op_sol_{layer}"),
+        "SOL baseline": speed_of_light(row, layer, f"op_sol_baseline_{layer}"),
+        "SOL kernel": speed_of_light(row, layer, f"op_sol_{layer}"),
         "share": format_number(metric(row, f"op_share_{layer}"), ".3f"),
     }
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import shutil
+import tempfile
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,11 @@ from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, job_res
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import CompileTable, compile_tables
-from sweep.views.formatting import TIMING_MARKER_NOTE, format_number, present, timing_marker
+from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, present, speedup_text, timing_marker
 from sweep.views.machines import CAPTION as MACHINES_CAPTION
 from sweep.views.machines import MachinePair, export_pairs, machine_pairs, pair_table
-from sweep.views.summary import RESUMED
+from sweep.views.ops import layers, op_frame, ops_caption
+from sweep.views.summary import RESUMED, configuration
 from sweep.views.table import (
     CONFIG,
     DETAILS,
@@ -42,6 +48,9 @@ PLOT_FILES = ("speedup_vs_length.png", "err_ratio.png")
 TICK_WIDTH = 40  # characters of an err_ratio plot's configuration label per line
 PANEL_WIDTH = 60  # characters of a speedup panel's title and legend entries per line
 MACHINES_CSV = "machines.csv"
+OPS_CSV = "ops.csv"
+OPS_HEADING = "Each kernelized layer alone"
+_PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 class ReportError(Exception):
@@ -175,6 +184,29 @@ def section_tables(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return sections
 
 
+@dataclass(frozen=True)
+class Ops:
+    """A workload's op table (None: no run timed a layer alone), its caption, and its runs' op plots as (file name,
+    what it shows)."""
+    table: pd.DataFrame | None
+    caption: str
+    plots: list[tuple[str, str]]
+
+
+def op_section(runs: pd.DataFrame, plots: Mapping[str, str]) -> Ops:
+    """One workload's op table (`sweep.views.ops.op_frame`), each job named by its kernels, configuration and
+    machine, its caption, and the op plots among `plots` (file name by run id) of its runs."""
+    rows = runs.to_dict("records")
+    shown = [name for name in _shown_config(runs) if name != "details"]  # `configuration` adds the details
+
+    def job(row: Row) -> str:
+        return f"{row['kernel_label']} {configuration(row, shown)} on {row['gpu']}"
+
+    table = op_frame(rows, job) if any(layers(row) for row in rows) else None
+    return Ops(table, ops_caption(rows), [(plots[str(row["run_id"])], f"{OPS_HEADING}: {job(row)}")
+                                          for row in rows if row["run_id"] in plots])
+
+
 # Per workload, what its rows compare: (column, metric, format).
 ACCURACY_COLUMNS = {
     "train": (("loss diff", "loss_diff", ".3g"), ("grad rel diff", "grad_max_rel_diff", ".3g"),
@@ -193,8 +225,7 @@ def run_table(group: pd.DataFrame) -> pd.DataFrame:
         "kernels": group["kernel_label"],
         "baseline ms": group["latency_ms_baseline"].map(lambda v: _fmt(v, ".3f")),
         "kernel ms": group["latency_ms_kernel"].map(lambda v: _fmt(v, ".3f")),
-        "speedup [CI]": [_speedup(r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"]) + timing_marker(r)
-                         if not pd.isna(r["speedup"]) else "" for r in group.to_dict("records")],
+        "speedup [CI]": [speedup_text(r) if not pd.isna(r["speedup"]) else "" for r in group.to_dict("records")],
     })
     workload = group["workload"].iloc[0] if len(group) else WORKLOADS[0]
     for column, metric, spec in ACCURACY_COLUMNS.get(workload, DEFAULT_ACCURACY_COLUMNS):
@@ -238,13 +269,6 @@ def _fmt(value: float, spec: str) -> str:
     return "" if present(value) is None else format_number(value, spec)
 
 
-def _speedup(value: float, low: float, high: float) -> str:
-    if pd.isna(value):
-        return ""
-    interval = "" if pd.isna(low) or pd.isna(high) else f" [{low:.2f}, {high:.2f}]"
-    return f"{value:.2f}x{interval}"
-
-
 def _status(status: str, reason: str) -> str:
     reason = " ".join(reason.split())[:90]  # one line, so a traceback cannot break a table
     return f"{status}: {reason}" if reason and status != "measured" else status
@@ -253,19 +277,22 @@ def _status(status: str, reason: str) -> str:
 # --- rendering -----------------------------------------------------------------------------------------------------
 
 
-def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = ()) -> str:
-    """The whole report as text in `fmt` (md, csv or html); `plots` are image file names to link."""
+def render(runs: pd.DataFrame, fmt: str, plots: Sequence[str] = (),
+           ops_plots: Mapping[str, str] | None = None) -> str:
+    """The whole report as text in `fmt` (md, csv or html); `plots` are image file names to link, `ops_plots` each
+    run's op plot file (`write_ops_plots`) by run id."""
     if fmt == "csv":
         return export_table(runs).to_csv(index=False)
     parts = []
     for workload, part in workload_parts(runs):
+        ops = op_section(part, ops_plots or {})
         compiled = part["baseline"] == "compile"
         tables = compile_tables(part[compiled].to_dict("records"))
         part = part[~compiled]
         if part.empty:
-            parts.append((workload, None, [], tables))
+            parts.append(Part(workload, None, [], tables, ops))
             continue
-        parts.append((workload, _marked_pivot(part), section_tables(part), tables))
+        parts.append(Part(workload, _marked_pivot(part), section_tables(part), tables, ops))
     intro, pairs = _intro(runs), machine_pairs(runs)
     if fmt == "md":
         return _markdown(intro, pairs, parts, plots)
@@ -288,8 +315,16 @@ def _marked_pivot(runs: pd.DataFrame) -> pd.DataFrame:
 WORKLOAD_TITLES = {"prefill": "prefill: one forward over the prompt",
                    "decode": "decode: one generation step after the prompt (KV cache)",
                    "train": "train: one forward and backward of the loss on the prompt"}
-# workload, speedup pivot (None: only baseline=compile runs), sections, the four-way tables of baseline=compile runs
-Part = tuple[str, pd.DataFrame | None, list[tuple[str, pd.DataFrame]], list[CompileTable]]
+
+
+@dataclass(frozen=True)
+class Part:
+    """What the report shows of one workload."""
+    workload: str
+    pivot: pd.DataFrame | None  # the speedup pivot; None: only baseline=compile runs
+    sections: list[tuple[str, pd.DataFrame]]  # (title, table) per configuration and GPU
+    compiled: list[CompileTable]  # the four-way tables of baseline=compile runs
+    ops: Ops
 
 
 def _intro(runs: pd.DataFrame) -> str:
@@ -300,7 +335,8 @@ def _intro(runs: pd.DataFrame) -> str:
             "machine: docs/report.md): the newest measurement, else the newest run; "
             f"{others} other runs hidden, counted in 'other runs'. Sweeps: {sweeps}; "
             f"machines: {_machines(runs)}. "
-            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets, timed as "
+            "Speedup = baseline latency / kernel latency, with its confidence interval in brackets (~: the "
+            "interval includes 1, no measurable difference), timed as "
             f"timing_mode says (auto: CUDA graphs on a GPU, eager on the CPU); {TIMING_MARKER_NOTE}. An infinite "
             "ratio is printed as ∞.")
 
@@ -325,16 +361,19 @@ def _markdown(intro: str, pairs: list[MachinePair], workloads: list[Part], plots
     for pair in pairs:
         parts += [f"### {pair.a} vs {pair.b}", f"**{pair.headline}**", f"A: {pair.a}; B: {pair.b}",
                   markdown_table(pair_table(pair))]
-    for workload, pivot, sections, compiled in workloads:
-        parts.append(f"## {WORKLOAD_TITLES.get(workload, workload)}")
-        if pivot is not None:
-            parts += ["### Speedup by GPU", markdown_table(pivot), "### Results"]
-        for title, table in sections:
+    for part in workloads:
+        parts.append(f"## {WORKLOAD_TITLES.get(part.workload, part.workload)}")
+        if part.pivot is not None:
+            parts += ["### Speedup by GPU", markdown_table(part.pivot), "### Results"]
+        for title, table in part.sections:
             parts += [f"#### {title}", markdown_table(table)]
-        if compiled:
+        if part.compiled:
             parts += [f"### {COMPILE_HEADER} (baseline=compile)", COMPILE_CAPTION]
-        for table in compiled:
+        for table in part.compiled:
             parts += [f"#### {table.title}", f"**{table.headline}**", markdown_table(table.frame)]
+        if part.ops.table is not None:
+            parts += [f"### {OPS_HEADING}", markdown_table(part.ops.table), f"*{part.ops.caption}*"]
+            parts += [f"![{title}]({file})" for file, title in part.ops.plots]
     if plots:
         parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"
@@ -359,18 +398,22 @@ def _html(intro: str, pairs: list[MachinePair], workloads: list[Part], plots: Se
         parts += [f"<h3>{html.escape(pair.a)} vs {html.escape(pair.b)}</h3>",
                   f"<p><b>{html.escape(pair.headline)}</b></p>", f"<p>A: {html.escape(pair.a)}; B: "
                   f"{html.escape(pair.b)}</p>", pair_table(pair).to_html(index=False)]
-    for workload, pivot, sections, compiled in workloads:
-        parts.append(f"<h2>{html.escape(WORKLOAD_TITLES.get(workload, workload))}</h2>")
-        if pivot is not None:
-            parts += ["<h3>Speedup by GPU</h3>", pivot.to_html(index=False), "<h3>Results</h3>"]
-        for title, table in sections:
+    for part in workloads:
+        parts.append(f"<h2>{html.escape(WORKLOAD_TITLES.get(part.workload, part.workload))}</h2>")
+        if part.pivot is not None:
+            parts += ["<h3>Speedup by GPU</h3>", part.pivot.to_html(index=False), "<h3>Results</h3>"]
+        for title, table in part.sections:
             parts += [f"<h4>{html.escape(title)}</h4>", table.to_html(index=False)]
-        if compiled:
+        if part.compiled:
             parts += [f"<h3>{html.escape(COMPILE_HEADER)} (baseline=compile)</h3>",
                       f"<p>{html.escape(COMPILE_CAPTION)}</p>"]
-        for table in compiled:
+        for table in part.compiled:
             parts += [f"<h4>{html.escape(table.title)}</h4>", f"<p><b>{html.escape(table.headline)}</b></p>",
                       table.frame.to_html(index=False)]
+        if part.ops.table is not None:
+            parts += [f"<h3>{OPS_HEADING}</h3>", part.ops.table.to_html(index=False),
+                      f"<p><i>{html.escape(part.ops.caption)}</i></p>"]
+            parts += [f'<img src="{html.escape(file)}" alt="{html.escape(title)}">' for file, title in part.ops.plots]
     if plots:
         parts += ["<h2>Plots</h2>", *(f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)]
     style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px} img{max-width:100%}"
@@ -467,14 +510,59 @@ def _constants(data: pd.DataFrame, columns: Sequence[str]) -> str:
     return ", ".join(f"{c}={data[c].iloc[0]}" for c in columns if data[c].nunique() == 1)
 
 
+def write_ops_plots(runs: pd.DataFrame, out: Path) -> dict[str, str]:
+    """Each run's plot of its layers timed alone (`sweep.measure.ops.PLOT`), fetched from its store into `out` as
+    ops_<run id>.png; the file names by run id. A run whose store does not hold its plot is left out."""
+    from sweep.measure.ops import PLOT  # here, not at the top: that module loads torch (seconds) for one name
+
+    written = {}
+    with _without_progress_bars(), tempfile.TemporaryDirectory() as folder:
+        for row in runs.to_dict("records"):
+            run_id = str(row["run_id"])
+            if not layers(row):
+                continue
+            try:
+                fetched = MlflowClient(tracking_uri=str(row["store"])).download_artifacts(run_id, PLOT, folder)
+            except MlflowException:
+                continue
+            written[run_id] = f"ops_{run_id}.png"
+            shutil.move(fetched, out / written[run_id])
+    return written
+
+
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar on stderr for each download: one per plot would bury what the report prints."""
+    before = os.environ.get(_PROGRESS_BARS)
+    os.environ[_PROGRESS_BARS] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_PROGRESS_BARS]
+        else:
+            os.environ[_PROGRESS_BARS] = before
+
+
+def export_ops(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """Every workload's op table with its workload (for CSV); None where no run timed a layer alone."""
+    tables = [table.assign(workload=workload) for workload, part in workload_parts(runs)
+              if (table := op_section(part, {}).table) is not None]
+    if not tables:
+        return None
+    ops = pd.concat(tables, ignore_index=True)
+    return ops[["workload", *(c for c in ops.columns if c != "workload")]]
+
+
 def write_report(runs: pd.DataFrame, out: Path, fmt: str = "md") -> list[Path]:
     """Write report.<fmt> and its plots for `latest_runs` into `out`; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     eager = runs[runs["baseline"] != "compile"]  # the plots and the pivot: one speedup per configuration
     plots = write_plots(eager, out)
+    ops_plots = write_ops_plots(runs, out)
     report = out / f"report.{fmt}"
-    report.write_text(render(runs, fmt, plots))
-    written = [report, *(out / p for p in plots)]
+    report.write_text(render(runs, fmt, plots, ops_plots))
+    written = [report, *(out / p for p in [*plots, *ops_plots.values()])]
     pairs = machine_pairs(runs)
     if fmt == "csv":
         written.append(out / "speedup_pivot.csv")
@@ -482,4 +570,7 @@ def write_report(runs: pd.DataFrame, out: Path, fmt: str = "md") -> list[Path]:
         if pairs:
             written.append(out / MACHINES_CSV)
             export_pairs(pairs).to_csv(written[-1], index=False)
+        if (ops := export_ops(runs)) is not None:
+            written.append(out / OPS_CSV)
+            ops.to_csv(written[-1], index=False)
     return written

@@ -12,16 +12,21 @@ from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import RESUMED_BY_TAG
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
-from sweep.views.comparison import compile_tables, is_compile_run, kernel_label, ratio
-from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, timing_marker
-from sweep.views.ops import OPS_CAPTION, has_ops, op_frame
+from sweep.views.comparison import compile_tables, is_compile_run, kernel_label
+from sweep.views.formatting import Row, format_number, metric, present, speedup_text, timing_notes
+from sweep.views.ops import has_ops, op_frame, ops_caption
 from sweep.views.table import job_row
 
-SUMMARY_CAPTION = f"~ : the speedup's 95% interval includes 1 (no measurable difference); {TIMING_MARKER_NOTE}"
 ACCURACY_CAPTION = "err_ratio > 1: the kernel is further from the float32/64 reference than eager"
 # What makes a configuration: the jobs of one configuration differ only in their kernel subset.
 CONFIGURATION_PARAMS = ("model", "dtype", "prompt_len", "batch_size", "device", "timing_mode")
-_SHORT = {"prompt_len": "T={}", "batch_size": "B={}", "device": "{}", "timing_mode": "timing={}"}
+_SHORT = {"prompt_len": "T={}", "batch_size": "B={}", "device": "{}", "timing_mode": "timing={}",
+          "baseline": "baseline={}"}
+
+
+def summary_caption(rows: Sequence[Row]) -> str:
+    """The timing table's caption: what `~` means, and the `timing_marker` where a row carries it."""
+    return "; ".join(["~ : the speedup's 95% interval includes 1 (no measurable difference)", *timing_notes(rows)])
 
 
 def _number(row: Row, name: str, fmt: str) -> str:
@@ -31,17 +36,6 @@ def _number(row: Row, name: str, fmt: str) -> str:
 def _text(row: Row, name: str) -> str:
     value = present(row.get(name))
     return "" if value is None else str(value)
-
-
-def _speedup(row: Row, digits: int = 3) -> str:
-    speedup, low, high = (metric(row, name) for name in ("speedup", "speedup_ci_low", "speedup_ci_high"))
-    if speedup is None:
-        return "-"
-    timing = timing_marker(row)
-    if low is None or high is None:  # a record without its interval says so rather than inventing one
-        return f"{speedup:.{digits}f}x [no interval]{timing}"
-    marker = "" if metric(row, "speedup_significant") else " ~"
-    return f"{speedup:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]{marker}{timing}"
 
 
 RESUMED = "resumed"  # a job this sweep skipped (resume=true): an earlier sweep's run measured it
@@ -99,7 +93,7 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
     *JOB_COLUMNS,
     ("baseline ms", lambda r: _number(r, "latency_ms_baseline", ".4f")),
     ("kernel ms", lambda r: _number(r, "latency_ms_kernel", ".4f")),
-    ("speedup [95% CI]", _speedup),
+    ("speedup [95% CI]", lambda r: speedup_text(r, digits=3)),
     ("max diff", lambda r: _number(r, "max_abs_diff", ".4g")),
     ("argmax", lambda r: _number(r, "argmax_match", ".3f")),
     ("err_ratio", lambda r: _number(r, "err_ratio", ".3f")),
@@ -178,7 +172,7 @@ def _rich(frame: pd.DataFrame, title: str, caption: str) -> Table:
 def summary_table(rows: Sequence[Row], title: str = "sweep") -> Table:
     """One workload's jobs (see `sweep_tables` for several)."""
     workload = workload_of(rows[0]) if rows else "prefill"
-    return _rich(table_frame(rows, summary_columns(workload)), title, SUMMARY_CAPTION)
+    return _rich(table_frame(rows, summary_columns(workload)), title, summary_caption(rows))
 
 
 def accuracy_table(rows: Sequence[Row], title: str = "accuracy") -> Table:
@@ -204,7 +198,7 @@ def sweep_tables(jobs: pd.DataFrame, title: str) -> list[Table]:
         if has_accuracy(compiled):
             tables.append(accuracy_table(compiled, title="accuracy (baseline=compile)" + suffix))
         if has_ops(mine):
-            tables.append(_rich(op_frame(grouped(mine)), "each kernelized layer alone" + suffix, OPS_CAPTION))
+            tables.append(_rich(op_frame(grouped(mine)), "each kernelized layer alone" + suffix, ops_caption(mine)))
     return tables
 
 
@@ -222,11 +216,11 @@ def job_description(result: JobResult) -> str:
         return _status(row)
     parts = []
     if "speedup" in result.metrics:
-        parts.append(f"speedup {_speedup(row)}")
+        parts.append(f"speedup {speedup_text(row, digits=3)}")
     elif "latency_ms_baseline" in result.metrics:  # kernels=none: the baseline alone
         parts.append(f"baseline {_number(row, 'latency_ms_baseline', '.4f')} ms")
     if "compile_speedup" in result.metrics:
-        parts.append(f"torch.compile {ratio(row, 'compile_speedup', 3)}")
+        parts.append(f"torch.compile {speedup_text(row, 'compile_speedup', 3)}")
     if "max_abs_diff" in result.metrics:
         parts.append(f"max diff {_number(row, 'max_abs_diff', '.4g')}")
     if "err_ratio" in result.metrics:

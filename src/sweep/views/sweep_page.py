@@ -1,6 +1,6 @@
 """What a sweep's parent run shows in the MLflow UI: a description holding the end-of-sweep tables and the speedup
 chart, and artifacts (the chart, the results as CSV, `sweep.views.report`'s report), built from the results table of
-the job runs as the store holds them."""
+the job runs as the store holds them. And what a report logged as a run shows (`report_page`)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import compile_tables, is_compile_run
 from sweep.views.formatting import Row
-from sweep.views.ops import OPS_CAPTION, has_ops, op_frame
+from sweep.views.ops import has_ops, op_frame, ops_caption
 from sweep.views.summary import (
     ACCURACY_CAPTION,
     ACCURACY_COLUMNS,
-    SUMMARY_CAPTION,
     Column,
     by_workload,
     grouped,
     has_accuracy,
     status_counts,
+    summary_caption,
     summary_columns,
     table_frame,
 )
@@ -35,13 +35,16 @@ from sweep.views.table import latest_runs
 CHART = "summary/speedup.png"
 RESULTS_CSV = "summary/results.csv"
 REPORT_FOLDER = "report"
+REPORT_FORMATS = ("md", "csv", "html")
 
 
 @dataclass(frozen=True)
 class Links:
-    """Addresses inside the UI, relative to its root: a run's page, and a run's artifact file."""
+    """Addresses inside the UI, relative to its root: a run's page, a run's artifact file, and the experiment's runs
+    with each configuration's machines side by side (none when empty)."""
     run: Callable[[str], str]
     artifact: Callable[[str, str], str]
+    machines_view: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,39 @@ def sweep_page(sweep_id: str, jobs: pd.DataFrame, title: str, links: Links, limi
 
 def report_files(uri: str, experiment: str, sweep_id: str) -> dict[str, bytes]:
     """What `python -m sweep.report --tracking-uri URI --sweep SWEEP_ID --out DIR` writes, by file name."""
-    runs = latest_runs(report.load_runs([uri], experiment, [sweep_id]))
+    return written_report(latest_runs(report.load_runs([uri], experiment, [sweep_id])), ("md",))
+
+
+def written_report(runs: pd.DataFrame, formats: Sequence[str]) -> dict[str, bytes]:
+    """What `sweep.views.report.write_report` writes of `runs` (`latest_runs`) in each of `formats`, by file name."""
     with tempfile.TemporaryDirectory() as folder:
-        return {path.name: path.read_bytes() for path in report.write_report(runs, Path(folder))}
+        written = [path for fmt in formats for path in report.write_report(runs, Path(folder), fmt)]
+        return {path.name: path.read_bytes() for path in written}
+
+
+def report_page(runs: pd.DataFrame, run_id: str, links: Links, limit: int) -> SweepPage:
+    """What the run `run_id` holding the report on `runs` (`latest_runs`) shows: the report in every format with its
+    plots as artifacts, and as its description the markdown report, its images read from those artifacts, cut
+    between blocks (never inside a table) to stay within `limit` characters."""
+    files = written_report(runs, REPORT_FORMATS)
+    artifacts: dict[str, str | bytes] = {f"{REPORT_FOLDER}/{name}": content for name, content in files.items()}
+    text = files["report.md"].decode()
+    for name in files:
+        text = text.replace(f"]({name})", f"]({links.artifact(run_id, f'{REPORT_FOLDER}/{name}')})")
+    blocks = text.rstrip("\n").split("\n\n")
+    head = [_machines_view_line(links)] if links.machines_view else []
+    tail = ["Artifacts of this run: " + ", ".join(f"`{a}`" for a in sorted(artifacts)) + "."]
+    for shown in range(len(blocks), -1, -1):
+        cut = [] if shown == len(blocks) else [
+            f"**The report is cut here to fit the description: all of it is in `{REPORT_FOLDER}/report.md`.**"]
+        description = "\n\n".join([*head, *blocks[:shown], *cut, *tail]) + "\n"
+        if len(description) <= limit:
+            break
+    return SweepPage(description, artifacts)
+
+
+def _machines_view_line(links: Links) -> str:
+    return f"[The experiment's runs, each configuration on every machine side by side]({links.machines_view})"
 
 
 def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, has_chart: bool,
@@ -83,6 +116,8 @@ def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, h
     counts = ", ".join(f"{count} {status}" for status, count in status_counts(ordered).items())
     parts = [f"### {title}", f"{total} jobs: {counts}. Each job is a child run of this one; "
              "the job column links to it."]
+    if links.machines_view:
+        parts.append(_machines_view_line(links))
     if has_chart:
         parts.append(f"![speedup per job]({links.artifact(sweep_id, CHART)})")
     groups = by_workload(shown)
@@ -92,7 +127,7 @@ def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, h
         compiled = [r for r in mine if is_compile_run(r)]
         if jobs:
             parts += [f"#### Timing{suffix}", _markdown(jobs, summary_columns(workload), run_link),
-                      f"*{SUMMARY_CAPTION}*"]
+                      f"*{summary_caption(jobs)}*"]
         if has_accuracy(jobs):
             parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
         for table in compile_tables(compiled):
@@ -103,7 +138,7 @@ def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, h
                       f"*{ACCURACY_CAPTION}*"]
         if has_ops(mine):
             ops = op_frame(mine, lambda r: f"[{r['run_name']}]({run_link(r)})")
-            parts += [f"#### Each kernelized layer alone{suffix}", report.markdown_table(ops), f"*{OPS_CAPTION}*"]
+            parts += [f"#### {report.OPS_HEADING}{suffix}", report.markdown_table(ops), f"*{ops_caption(mine)}*"]
     if len(shown) < total:
         parts.append(f"**Only the first {len(shown)} of {total} jobs fit here: all are in `{RESULTS_CSV}`.**")
     parts.append("Artifacts of this run: " + ", ".join(f"`{a}`" for a in artifacts) + ".")

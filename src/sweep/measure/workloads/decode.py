@@ -3,6 +3,7 @@ one token at position `prompt.length` and returns the next token's logits, compa
 
 from __future__ import annotations
 
+import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from sweep.config import PromptConfig, WorkloadConfig
 from sweep.measure.forensics import distribution_metrics
 from sweep.measure.numerics import compare_outputs, reference_precision, relative_error
 from sweep.measure.prompts import prompt_inputs
+from sweep.measure.timing import PLACEMENT_STEP, PLACEMENT_STEPS
 from sweep.measure.workloads.protocol import (
     JobState,
     Sides,
@@ -39,12 +41,25 @@ class DecodeStep:
     """
 
     def __init__(self, model: torch.nn.Module, prompt: torch.Tensor):
-        self.model = model
+        self.model, self.prompt = model, prompt
         self.length = prompt.shape[1]
-        self.cache = StaticCache(config=model.config, max_cache_len=self.length + 1)
         self.position_ids = torch.full((prompt.shape[0], 1), self.length, device=prompt.device)
+        self._spacer: torch.Tensor | None = None
+        self._fill()
+
+    def renew(self) -> None:
+        """A new cache behind a spacer of random size, filled by a prefill with the kernels now selected. Each side
+        reads its own cache, so where the two caches land changes their ratio from one job to the next; renewed
+        with every block (`sweep.measure.timing.renew_state`), the interval samples it."""
+        self.cache = self._spacer = None
+        self._spacer = torch.empty(random.randrange(PLACEMENT_STEPS) * PLACEMENT_STEP, dtype=torch.uint8,
+                                   device=self.prompt.device)
+        self._fill()
+
+    def _fill(self) -> None:
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.length + 1)
         with torch.inference_mode():
-            model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

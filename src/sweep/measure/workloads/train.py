@@ -23,7 +23,6 @@ from sweep.measure.forensics import (
     layers_with_gradients_csv,
     traced_logits,
 )
-from sweep.measure.memory import peak_memory
 from sweep.measure.numerics import error_ratio, reference_precision
 from sweep.measure.prompts import prompt_inputs
 from sweep.measure.workloads.protocol import (
@@ -170,7 +169,7 @@ class Train:
         def rerun() -> object:
             return training_step(job.model, job.inputs[0])
 
-        base_loss, base_grads = _measured_step(job, metrics, "baseline")
+        base_loss, base_grads = _host_step(job)
         check_baseline_finite(job, [base_loss, *base_grads], rerun, AFTER_FORWARD)
         reference: TrainReference = job.reference
         if reference.grads is None:
@@ -181,7 +180,7 @@ class Train:
         if job.switch is None:
             return metrics | _gradient_metrics(None, base_grads, reference.grads, job.device)
         with job.switch.active():
-            kernel_loss, kernel_grads = _measured_step(job, metrics, "kernel")
+            kernel_loss, kernel_grads = _host_step(job)
         check_kernel_finite(job, [kernel_loss, *kernel_grads], rerun, AFTER_FORWARD)
         if job.cfg.numerics.per_layer:
             job.status("per-layer gradients")
@@ -205,16 +204,9 @@ def _layer_table(job: JobState) -> dict[str, float]:
     return layer_metrics(records) | layer_gradient_metrics(gradients)
 
 
-def _measured_step(job: JobState, metrics: dict[str, float], side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One step after a warm-up step (autotuning and workspaces are set up there, not counted), the peak memory it
-    needs on CUDA above what was allocated before it (`peak_mem_mb_<side>` in `metrics`: activations, gradients,
-    workspace; not the weights), its loss and gradients moved to the host so that the other side starts from the
-    same memory."""
-    training_step(job.model, job.inputs[0])
-    with peak_memory(job.device) as measured:
-        loss, grads = training_step(job.model, job.inputs[0])
-    if job.device.type == "cuda":
-        metrics[f"peak_mem_mb_{side}"] = measured.above_held_mb
+def _host_step(job: JobState) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step's loss and gradients, moved to the host so that the other side starts from the same memory."""
+    loss, grads = training_step(job.model, job.inputs[0])
     return loss.to("cpu"), [g.to("cpu") for g in grads]
 
 
