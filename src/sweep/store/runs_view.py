@@ -25,8 +25,8 @@ MACHINES_VIEW_QUERY = f"viewStateShareKey={MACHINES_VIEW_ID}"
 COMPRESSED_PREFIX = "deflate;"
 
 # A group's params: a job's configuration as the views name it (sweep.views.table: workload, baseline, CONFIG,
-# kernels); its runs differ by machine, or measured it again. The group's label names them in this order, the
-# likeliest to vary first: a narrow column shows the label's start.
+# kernels); a group's runs differ by machine, or repeat a measurement. The group's label names them in this order,
+# the likeliest to vary first: a narrow column shows the label's start.
 GROUPED_BY = ("kernels", "dtype", "prompt_len", "model", "batch_size", "workload", "baseline", "timing_mode")
 SHOWN = (("tags", "gpu_name"), ("metrics", "speedup"), ("metrics", "speedup_ci_low"), ("metrics", "speedup_ci_high"),
          ("metrics", "err_ratio"), ("metrics", "latency_ms_baseline"), ("tags", "run_status"))
