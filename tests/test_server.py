@@ -273,7 +273,7 @@ def test_the_report_reads_the_server(server, server_sweep):
     code, out = run_report("--tracking-uri", server.url)
     assert code == 0, out
     assert server.url in out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "measured" in line]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line.endswith("| measured |")]
     assert {row.split("|")[1].strip() for row in rows} == {"rms_cpu", "silu_cpu"}
     assert "dtype=fp32, prompt_len=40" in out and " on cpu" in out
 

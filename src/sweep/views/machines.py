@@ -29,12 +29,12 @@ HELPS_FROM = 1.02
 CAPTION = ("A / B speedup: A's speedup over B's. Its interval: on the log scale, the lower half-width is A's lower and "
            "B's upper half-width combined in quadrature, the upper one the other two (independent 95% intervals); "
            f"{MARK.strip()}: the interval excludes 1, the machines' speedups differ. B / A baseline: how many times "
-           "faster A runs the model without kernels. ~: a speedup's interval includes 1. SOL <layer>: the layer timed "
-           "alone, a copy of the same bytes' time over the kernel's, with its interval (1: at the limit no "
-           "memory-bound kernel can beat; docs/speed-of-light.md); prediction gap: the measured speedup over the one "
-           "the layers' shares and op speedups predict (both -: the run timed no layer alone). Verdict changes: a "
-           f"kernel that helps (interval above 1, speedup at least {HELPS_FROM}x) or is exact (max diff 0) on one "
-           "machine only.")
+           "faster A runs the model without kernels. ~: a speedup's interval includes 1. SOL and a layer's name: "
+           "that layer timed alone, a copy of the same bytes' time over the kernel's, with its interval (1: at the "
+           "limit no memory-bound kernel can beat; docs/speed-of-light.md); prediction gap: the measured speedup "
+           "over the one the layers' shares and op speedups predict (both -: the run timed no layer alone). "
+           f"Verdict changes: a kernel that helps (interval above 1, speedup at least {HELPS_FROM}x) or is exact "
+           "(max diff 0) on one machine only.")
 
 
 @dataclass(frozen=True)
