@@ -34,7 +34,8 @@ def test_bundled_kernels_replace_every_layer_and_time_in_both_modes(make_config,
     assert result.tags["kernel_source_RMSNorm"] == "bundled:liger_rmsnorm"
     assert result.tags["kernel_source_SiLU"] == "bundled:triton_silu"
     for metric in ("gpu_ms_baseline", "gpu_ms_kernel", "eager_ms_baseline", "eager_ms_kernel", "launch_overhead",
-                   "peak_mem_mb_baseline", "peak_mem_mb_kernel", "timing_rounds", "job_wall_s", "layer_err_ratio_max", "gen_match", "kl_div"):
+                   "peak_mem_mb_baseline", "peak_mem_mb_kernel",
+                   "timing_rounds", "job_wall_s", "layer_err_ratio_max", "gen_match", "kl_div"):
         assert metric in result.metrics, metric
     assert result.metrics["latency_ms_baseline"] == result.metrics["gpu_ms_baseline"]
     assert result.metrics["launch_overhead"] > 1.0  # a 67M model is launch bound in eager mode

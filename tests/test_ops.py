@@ -20,8 +20,8 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from sweep.config import TrackingConfig
-from sweep.measure.ops import PLOT, compute_bound, predicted_speedup
-from sweep.records.results import JobResult, RunStatus
+from sweep.measure.ops import compute_bound, predicted_speedup
+from sweep.records.results import OPS_PLOT, JobResult, RunStatus
 from sweep.run.job import run_job
 from sweep.run.session import SweepSession
 from sweep.store.tracking import DESCRIPTION_LIMIT, Tracker
@@ -96,7 +96,7 @@ def test_an_exact_kernel_alone_is_as_fast_as_eager_and_predicts_the_model(make_c
     assert share == pytest.approx(3 * m["op_ms_baseline_RMSNorm"] / m["latency_ms_baseline"]) and 0 < share < 1
     assert m["predicted_speedup"] == pytest.approx(1 / (1 - share + share / m["op_speedup_RMSNorm"]))
     assert m["prediction_gap"] == pytest.approx(m["speedup"] / m["predicted_speedup"])
-    assert result.artifacts[PLOT].startswith(b"\x89PNG")
+    assert result.artifacts[OPS_PLOT].startswith(b"\x89PNG")
     assert m["phase_s_ops"] > 0
 
 
@@ -127,7 +127,7 @@ def test_timing_ops_false_times_no_layer_alone(make_config, models, kernel_repos
     assert result.status == RunStatus.measured, result.reason
     assert "speedup" in result.metrics
     assert not [name for name in result.metrics if name.startswith(("op_", "predicted", "phase_s_ops"))]
-    assert PLOT not in result.artifacts
+    assert OPS_PLOT not in result.artifacts
 
 
 def test_the_op_table_is_printed_on_the_sweeps_page_and_in_the_report(make_config, models, kernel_repos, tmp_path,
@@ -162,7 +162,7 @@ def test_the_op_table_is_printed_on_the_sweeps_page_and_in_the_report(make_confi
     for fmt in ("md", "html", "csv"):  # python -m sweep.report
         code, _, err = run_main(capsys, "--tracking-uri", tracking.uri, "--format", fmt, "--out", str(tmp_path / fmt))
         assert code == 0, err
-        assert (tmp_path / fmt / plot).read_bytes() == result.artifacts[PLOT]
+        assert (tmp_path / fmt / plot).read_bytes() == result.artifacts[OPS_PLOT]
     html = (tmp_path / "html" / "report.html").read_text()
     assert "<h3>Each kernelized layer alone</h3>" in html and f'<img src="{plot}"' in html
     [exported] = pd.read_csv(tmp_path / "csv" / "ops.csv", dtype=str).to_dict("records")

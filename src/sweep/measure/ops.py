@@ -28,10 +28,9 @@ from sweep.measure.timing import (
     Runner,
     timed_sides,
 )
-from sweep.records.results import JobResult
+from sweep.records.results import OPS_PLOT, JobResult
 
 COPY = "copy"
-PLOT = "ops/ops.png"
 # Where the device's copy bandwidth is measured: this many bytes moved (half read, half written), or 16 times the
 # L2 cache where CUDA says how large it is, whichever is larger, so that the copy runs from and to device memory.
 DEVICE_COPY_BYTES = 2**28
@@ -306,7 +305,8 @@ def measure_ops(switch: KernelSwitch, forward: Callable[[], object], training: b
     else:
         metrics["predicted_speedup"] = predicted
         metrics["prediction_gap"] = metrics["speedup"] / predicted
-    result.artifacts[PLOT] = ops_png(layers, metrics, f"{result.name}: each layer alone, against a copy of its bytes")
+    title = f"{result.name}: each layer alone, against a copy of its bytes"
+    result.artifacts[OPS_PLOT] = ops_png(layers, metrics, title)
 
 
 def _layer_metrics(ops: LayerOps, ms: dict[str, float], estimates: dict[str, SpeedupEstimate],

@@ -11,6 +11,9 @@ from typing import Any
 
 # Bump when a field is added, removed or changes meaning; `from_dict` refuses records of another version.
 SCHEMA_VERSION = 1
+# A job's artifact that the measure layer writes and the views read: its kernelized layers timed alone, time against
+# bytes moved (sweep.measure.ops).
+OPS_PLOT = "ops/ops.png"
 
 
 class RunStatus(str, Enum):

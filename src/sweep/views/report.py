@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.records.results import JobResult
+from sweep.records.results import OPS_PLOT, JobResult
 from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, job_result, resumed_runs
 from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
@@ -511,10 +511,8 @@ def _constants(data: pd.DataFrame, columns: Sequence[str]) -> str:
 
 
 def write_ops_plots(runs: pd.DataFrame, out: Path) -> dict[str, str]:
-    """Each run's plot of its layers timed alone (`sweep.measure.ops.PLOT`), fetched from its store into `out` as
+    """Each run's plot of its layers timed alone (`OPS_PLOT`), fetched from its store into `out` as
     ops_<run id>.png; the file names by run id. A run whose store does not hold its plot is left out."""
-    from sweep.measure.ops import PLOT  # here, not at the top: that module loads torch (seconds) for one name
-
     written = {}
     with _without_progress_bars(), tempfile.TemporaryDirectory() as folder:
         for row in runs.to_dict("records"):
@@ -522,7 +520,7 @@ def write_ops_plots(runs: pd.DataFrame, out: Path) -> dict[str, str]:
             if not layers(row):
                 continue
             try:
-                fetched = MlflowClient(tracking_uri=str(row["store"])).download_artifacts(run_id, PLOT, folder)
+                fetched = MlflowClient(tracking_uri=str(row["store"])).download_artifacts(run_id, OPS_PLOT, folder)
             except MlflowException:
                 continue
             written[run_id] = f"ops_{run_id}.png"
