@@ -231,3 +231,13 @@ def test_a_triton_kernel_torch_compile_cannot_analyse_is_named():
     row = _row("rms", compile_speedup=(2.0, 1.9, 2.1)) | {"compile_triton_analysis_kernel": "torch.compile could..."}
     (table,) = compile_tables([row])
     assert "could not analyse its Triton kernel" in table.frame["note"][0]
+
+
+@pytest.mark.parametrize("timing_mode_used", ["graph", "eager"])
+def test_a_compile_tables_caption_explains_the_eager_mark_only_where_a_row_carries_it(timing_mode_used):
+    row = {"baseline": "compile", "workload": "prefill", "model": "tiny-llama", "dtype": "bf16", "prompt_len": 118,
+           "batch_size": 1, "timing_mode": "auto", "timing_mode_used": timing_mode_used, "gpu_name": "NVIDIA H200",
+           "gpu": "NVIDIA H200", "details": "", "kernels": "rms", "kernel_label": "rms", "compile_speedup": 1.2,
+           "compile_speedup_ci_low": 1.1, "compile_speedup_ci_high": 1.3}
+    [table] = compile_tables([row])
+    assert ("timed eagerly" in table.caption) == (timing_mode_used == "eager"), table.caption

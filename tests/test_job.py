@@ -218,7 +218,8 @@ def test_kernel_identity_tells_kernels_apart(make_config, models, kernel_repos):
     identities = set()
     for repo, layer in (("exact_rms", "ExactRMSNorm"), ("low_rms", "LowRMSNorm")):
         result = run_job(make_config("dtype=fp32", "kernels=rms", *SHORT_PROMPT,
-                                     f"kernels.RMSNorm.path={kernel_repos[repo]}", f"kernels.RMSNorm.layer_name={layer}",
+                                     f"kernels.RMSNorm.path={kernel_repos[repo]}",
+                                     f"kernels.RMSNorm.layer_name={layer}",
                                      "numerics.per_layer=false", "numerics.gen_tokens=0"), models)
         assert result.status == RunStatus.measured, result.reason
         assert result.params["kernels"] == "rms"

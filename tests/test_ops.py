@@ -209,7 +209,9 @@ def test_every_view_writes_a_speedup_alike_and_explains_the_eager_mark_only_wher
         for shown in (speedup, "1.00x [0.98, 1.02] ~"):  # the step's, the op's
             assert shown + mark in text and (mark or shown + " (" not in text), (view, shown)
     [ops_caption] = [line for line in report.splitlines() if line.startswith("*each layer timed alone")]
-    captions = {"terminal": views["terminal"][0], "sweep page": page.description, "report": ops_caption}
+    intro = report.split("\n\n")[1]
+    captions = {"terminal": views["terminal"][0], "sweep page": page.description, "report": ops_caption,
+                "report's introduction": intro}
     for view, text in captions.items():
         assert ("timed eagerly" in " ".join(text.split())) == bool(mark), view
 

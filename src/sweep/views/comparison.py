@@ -10,7 +10,7 @@ from statistics import median_low
 
 import pandas as pd
 
-from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, metric, present, speedup_text
+from sweep.views.formatting import Row, format_number, metric, present, speedup_text, timing_notes
 from sweep.views.table import CONFIG
 
 EAGER, COMPILE = "eager", "torch.compile"
@@ -32,7 +32,7 @@ COMPILE_METRICS = (
 GROUP = ("workload", *CONFIG, "details", "gpu")
 HEADER = "torch.compile against the kernels"
 CAPTION = ("x / y: how many times faster x is than y (y's time over x's), timed in the same rounds, with its 95% "
-           f"interval; ~: the interval includes 1; {TIMING_MARKER_NOTE}")
+           "interval; ~: the interval includes 1")
 
 
 def is_compile_run(row: Row) -> bool:
@@ -44,6 +44,7 @@ class CompileTable:
     title: str  # e.g. "tiny-llama bf16 T=118"
     headline: str  # which option is fastest, by how much, with its interval
     frame: pd.DataFrame  # cells as text
+    caption: str  # what its marks mean
 
 
 def compile_tables(rows: Sequence[Row], brief: bool = False) -> list[CompileTable]:
@@ -56,7 +57,8 @@ def compile_tables(rows: Sequence[Row], brief: bool = False) -> list[CompileTabl
             groups.setdefault(tuple(present(row.get(key)) for key in GROUP), []).append(row)
     modes = {key[GROUP.index("timing_mode")] for key in groups}
     columns = BRIEF_COLUMNS if brief else COLUMNS
-    return [CompileTable(_title(dict(zip(GROUP, key)), len(modes) > 1), headline(mine), _frame(mine, columns))
+    return [CompileTable(_title(dict(zip(GROUP, key)), len(modes) > 1), headline(mine), _frame(mine, columns),
+                         "; ".join([CAPTION, *timing_notes(mine)]))
             for key, mine in groups.items()]
 
 

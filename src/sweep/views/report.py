@@ -23,10 +23,9 @@ from mlflow.tracking import MlflowClient
 
 from sweep.records.results import OPS_PLOT, JobResult
 from sweep.store.tracking import RESUMED_BY_TAG, check_server_reachable, job_result, resumed_runs
-from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import CompileTable, compile_tables
-from sweep.views.formatting import TIMING_MARKER_NOTE, Row, format_number, present, speedup_text, timing_marker
+from sweep.views.formatting import Row, format_number, present, speedup_text, timing_marker, timing_notes
 from sweep.views.machines import CAPTION as MACHINES_CAPTION
 from sweep.views.machines import MachinePair, export_pairs, machine_pairs, pair_table
 from sweep.views.ops import layers, op_frame, ops_caption
@@ -337,8 +336,9 @@ def _intro(runs: pd.DataFrame) -> str:
             f"machines: {_machines(runs)}. "
             "Speedup = baseline latency / kernel latency, with its confidence interval in brackets (~: the "
             "interval includes 1, no measurable difference), timed as "
-            f"timing_mode says (auto: CUDA graphs on a GPU, eager on the CPU); {TIMING_MARKER_NOTE}. An infinite "
-            "ratio is printed as ∞.")
+            "timing_mode says (auto: CUDA graphs on a GPU, eager on the CPU). "
+            + "".join(f"{note}. " for note in timing_notes(runs.to_dict("records")))
+            + "An infinite ratio is printed as ∞.")
 
 
 def _machines(runs: pd.DataFrame) -> str:
@@ -368,9 +368,9 @@ def _markdown(intro: str, pairs: list[MachinePair], workloads: list[Part], plots
         for title, table in part.sections:
             parts += [f"#### {title}", markdown_table(table)]
         if part.compiled:
-            parts += [f"### {COMPILE_HEADER} (baseline=compile)", COMPILE_CAPTION]
+            parts.append(f"### {COMPILE_HEADER} (baseline=compile)")
         for table in part.compiled:
-            parts += [f"#### {table.title}", f"**{table.headline}**", markdown_table(table.frame)]
+            parts += [f"#### {table.title}", f"**{table.headline}**", markdown_table(table.frame), f"*{table.caption}*"]
         if part.ops.table is not None:
             parts += [f"### {OPS_HEADING}", markdown_table(part.ops.table), f"*{part.ops.caption}*"]
             parts += [f"![{title}]({file})" for file, title in part.ops.plots]
@@ -405,11 +405,10 @@ def _html(intro: str, pairs: list[MachinePair], workloads: list[Part], plots: Se
         for title, table in part.sections:
             parts += [f"<h4>{html.escape(title)}</h4>", table.to_html(index=False)]
         if part.compiled:
-            parts += [f"<h3>{html.escape(COMPILE_HEADER)} (baseline=compile)</h3>",
-                      f"<p>{html.escape(COMPILE_CAPTION)}</p>"]
+            parts.append(f"<h3>{html.escape(COMPILE_HEADER)} (baseline=compile)</h3>")
         for table in part.compiled:
             parts += [f"<h4>{html.escape(table.title)}</h4>", f"<p><b>{html.escape(table.headline)}</b></p>",
-                      table.frame.to_html(index=False)]
+                      table.frame.to_html(index=False), f"<p><i>{html.escape(table.caption)}</i></p>"]
         if part.ops.table is not None:
             parts += [f"<h3>{OPS_HEADING}</h3>", part.ops.table.to_html(index=False),
                       f"<p><i>{html.escape(part.ops.caption)}</i></p>"]

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from sweep.records.results import JobResult, RunStatus
 from sweep.store.tracking import RESUMED_BY_TAG
-from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import compile_tables, is_compile_run, kernel_label
 from sweep.views.formatting import Row, format_number, metric, present, speedup_text, timing_notes
@@ -205,7 +204,7 @@ def sweep_tables(jobs: pd.DataFrame, title: str) -> list[Table]:
 def compile_rich_tables(rows: Sequence[Row]) -> list[Table]:
     """The four-way comparison of baseline=compile runs, one table per configuration and machine, headed by the
     fastest option."""
-    return [_rich(table.frame, f"{COMPILE_HEADER}: {table.title}\n{table.headline}", COMPILE_CAPTION)
+    return [_rich(table.frame, f"{COMPILE_HEADER}: {table.title}\n{table.headline}", table.caption)
             for table in compile_tables(rows, brief=True)]
 
 

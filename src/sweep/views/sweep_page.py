@@ -13,7 +13,6 @@ import pandas as pd
 
 from sweep.views import report
 from sweep.views.charts import speedup_chart
-from sweep.views.comparison import CAPTION as COMPILE_CAPTION
 from sweep.views.comparison import HEADER as COMPILE_HEADER
 from sweep.views.comparison import compile_tables, is_compile_run
 from sweep.views.formatting import Row
@@ -132,7 +131,7 @@ def _description(ordered: Sequence[Row], rows: int, title: str, sweep_id: str, h
             parts += [f"#### Accuracy{suffix}", _markdown(jobs, ACCURACY_COLUMNS, run_link), f"*{ACCURACY_CAPTION}*"]
         for table in compile_tables(compiled):
             parts += [f"#### {COMPILE_HEADER}: {table.title}{suffix}", f"**{table.headline}**",
-                      report.markdown_table(table.frame), f"*{COMPILE_CAPTION}*"]
+                      report.markdown_table(table.frame), f"*{table.caption}*"]
         if has_accuracy(compiled):
             parts += [f"#### Accuracy (baseline=compile){suffix}", _markdown(compiled, ACCURACY_COLUMNS, run_link),
                       f"*{ACCURACY_CAPTION}*"]
