@@ -299,7 +299,12 @@ def test_switching_kernels_is_outside_the_timed_forward(make_config, models, ker
 @pytest.mark.slow  # timed on the CPU: it needs the CPU alone, as the slow tier runs one test at a time
 def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_path):
     """The kernel runs transformers' own RMSNorm forward: the same work on both sides, so a speedup away from 1
-    could only come from what the harness charges to one side (switching forwards inside the timed region)."""
+    could only come from what the harness charges to one side (switching forwards inside the timed region).
+
+    On the CPU this job's speedup scatters from one run to the next by more than its blocks see: 8 runs on the 2-core
+    CI machine gave 0.984 to 1.020 (sd 1.2%, mean 1.004), and with the GPU's default `timing.rerun_sd` of 0.1% about
+    one interval in six missed 1, in either direction. The job adds the scatter measured, as a store's repeats
+    would estimate it (docs/timing.md)."""
     same = write_kernel_repo(tmp_path, "same_rms", "SameRMSNorm", "return _eager_forward(self, hidden_states)")
     init = same / "build" / "torch-cpu" / "__init__.py"
     init.write_text("from transformers.models.llama.modeling_llama import LlamaRMSNorm\n"
@@ -308,7 +313,7 @@ def test_an_exact_kernel_timed_eagerly_is_not_faster_or_slower(make_config, tmp_
              "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
              "model.architecture.num_key_value_heads=4", "prompt.length=8", "numerics.gen_tokens=0",
              "numerics.per_layer=false", "timing.mode=eager", "timing.min_measure_ms=5", "timing.blocks=10",
-             "timing.budget_s=2"]
+             "timing.budget_s=2", "timing.rerun_sd=0.012"]
     result = run_job(make_config("dtype=fp32", "kernels=none", *small,
                                  *local_kernel("RMSNorm", same, "SameRMSNorm")), ModelCache())
     assert result.status == RunStatus.measured, result.reason
