@@ -79,8 +79,12 @@ def norm_bytes(workload: str) -> int:
 @pytest.mark.slow  # timed on the CPU: it needs the CPU alone, as the slow tier runs one test at a time
 @pytest.mark.parametrize("workload", ["prefill", "decode", "train"])
 def test_an_exact_kernel_alone_is_as_fast_as_eager_and_predicts_the_model(make_config, models, kernel_repos, workload):
+    """On the CPU one layer's op speedup scatters from one job to the next by about 4% (sd over 6 runs of each
+    workload on the 2-core CI machine: 0.93 to 1.10, no bias), far more than its 6 blocks see: with the GPU's default
+    `timing.rerun_sd` of 0.1%, 2 of 33 intervals missed 1. The job adds that scatter, as a store's repeats would
+    estimate it (docs/timing.md); tests/test_gpu.py checks the exact kernel with CUDA graphs and the default."""
     prompt, _ = PROMPTS[workload]
-    result = run_job(make_config(*OP_TIMING, *WIDE_NORM_MODEL, *prompt, f"workload={workload}",
+    result = run_job(make_config(*OP_TIMING, *WIDE_NORM_MODEL, *prompt, f"workload={workload}", "timing.rerun_sd=0.04",
                                  *local_kernel("RMSNorm", kernel_repos["exact_rms"], "ExactRMSNorm")), models)
     assert result.status == RunStatus.measured, result.reason
     m = result.metrics
